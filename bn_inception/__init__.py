@@ -1,0 +1,1 @@
+"""BN-Inception (Ioffe & Szegedy, 2015) in JAX/Flax."""

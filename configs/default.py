@@ -1,0 +1,112 @@
+"""Shared defaults for every variant; the variant files are small deltas on this one.
+
+The defaults are the paper's BN-Baseline: Figure 5 with BN and the original Inception recipe (LRN,
+dropout 40%, L2 4e-5, learning rate 0.0015 decayed x0.96 every 8 epochs, full photometric
+distortions, light shuffling). `accelerate()` applies the changes of paper section 4.2.1 that make
+"Modified BN-Inception" (BN-x5, BN-x30, BN-x5-Sigmoid, the ensemble members).
+
+Not a paper variant by itself: launch one of inception.py, bn_baseline.py, bn_x5.py, bn_x30.py,
+bn_x5_sigmoid.py or ensemble.py. Each accepts a scale after a colon:
+
+  --config=configs/bn_x30.py          ImageNet, 224 x 224, the full network (the paper's run)
+  --config=configs/bn_x30.py:digits   the same variant in miniature on scikit-learn's digits (CPU)
+
+Learning rates are the paper's, *per 32 images*: the optimiser uses
+learning_rate * batch_size / 32. Lengths are the paper's in "paper steps" of 32 images
+(`paper_steps`); num_train_steps follows batch_size unless set explicitly.
+"""
+
+import ml_collections
+
+SCALES = ('imagenet', 'digits')
+IMAGENET_TRAIN_EXAMPLES = 1_281_167
+
+
+def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
+  scale = scale or 'imagenet'
+  if scale not in SCALES:
+    raise ValueError(f'Unknown scale {scale!r}; valid: {list(SCALES)} (e.g. configs/bn_x30.py:digits).')
+  c = ml_collections.ConfigDict()
+  c.scale = scale
+
+  c.model = ml_collections.ConfigDict(dict(
+      num_classes=1000,
+      use_bn=True,
+      activation='relu',
+      lrn=True,
+      dropout_rate=0.4,
+      separable_stem=True,
+      channels='paper',
+      width=1.0,
+      bn_momentum=0.9,
+      bn_epsilon=1e-5,
+      bn_group_size=32,
+      dtype='float32',
+      init_scale=1.0,
+      symmetric_padding=False,
+      conv_bias=ml_collections.FieldReference(None, field_type=bool),
+  ))
+
+  c.dataset = ml_collections.ConfigDict(dict(
+      name='imagenet2012',
+      data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data dir
+      manual_dir=ml_collections.FieldReference(None, field_type=str),  # ILSVRC2012_img_*.tar
+      image_size=224,
+      train_split='train',
+      eval_split='validation',
+      num_train_examples=IMAGENET_TRAIN_EXAMPLES,  # defines an epoch for the LR schedule
+      distortion_strength=1.0,  # scales the photometric distortions
+      shuffle='light',  # 'light' (file order + small buffer) | 'thorough' (interleaved, large buffer)
+      eval_crops='center',  # 'center' | '10' | '144'
+  ))
+
+  # Optimisation (paper section 4.2; design.md section 4 says which values are ours).
+  c.learning_rate = 0.0015  # per 32 images
+  c.momentum = 0.9
+  c.weight_decay = 4e-5  # L2 on conv and dense kernels, 0.5 * wd * |w|^2 added to the loss
+  c.lr_decay_factor = 0.96
+  c.lr_decay_epochs = 8.0  # staircase: x lr_decay_factor every lr_decay_epochs
+  c.warmup_epochs = 0.0
+  c.ema_decay = ml_collections.FieldReference(None, field_type=float)  # Polyak/EMA of weights
+
+  c.batch_size = 256  # global, over all devices and hosts
+  c.paper_steps = 15_000_000  # training length in 32-image steps
+  c.num_train_steps = c.get_ref('paper_steps') * 32 // c.get_ref('batch_size')
+  c.seed = 0
+
+  c.log_every_steps = 100
+  c.eval_every_steps = 5000
+  c.checkpoint_every_steps = 5000
+  c.keep_checkpoints = 3  # the newest N ...
+  c.keep_checkpoint_every_steps = 100_000  # ... plus one every K steps, kept for good
+  c.init_from = ml_collections.FieldReference(None, field_type=str)  # checkpoint dir to start from
+
+  if scale == 'digits':
+    # The paper in miniature: 8 x 8 handwritten digits upscaled to 32 x 32, a quarter-width net.
+    c.model.num_classes = 10
+    c.model.width = 0.25
+    c.dataset.name = 'digits'
+    c.dataset.image_size = 32
+    c.dataset.num_train_examples = 1437
+    c.learning_rate = 0.01  # the base the variants multiply; the paper's 0.0015 barely moves in 600 steps
+    c.batch_size = 64
+    c.paper_steps = 600 * 64 // 32
+    c.lr_decay_epochs = 8.0
+    c.log_every_steps = 50
+    c.eval_every_steps = 50
+    c.checkpoint_every_steps = 200
+    c.keep_checkpoint_every_steps = 0
+  return c
+
+
+def accelerate(c: ml_collections.ConfigDict, lr_multiple: float) -> ml_collections.ConfigDict:
+  """"Modified BN-Inception" (paper section 4.2.1): the changes BN allows, with the LR x lr_multiple."""
+  c.learning_rate *= lr_multiple          # 1. increase the learning rate
+  c.model.dropout_rate = 0.0              # 2. remove dropout
+  c.weight_decay /= 5                     # 3. reduce the L2 weight regularisation 5x
+  c.lr_decay_epochs /= 6                  # 4. decay the learning rate 6x faster
+  c.model.lrn = False                     # 5. remove local response normalisation
+  c.dataset.shuffle = 'thorough'          # 6. shuffle training examples more thoroughly
+  c.dataset.distortion_strength = 0.5     # 7. fewer photometric distortions (amount: ours)
+  c.paper_steps = 6_000_000 if c.scale == 'imagenet' else c.paper_steps
+  return c
