@@ -40,11 +40,11 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       width=1.0,
       bn_momentum=0.9,
       bn_epsilon=1e-5,
-      bn_group_size=32,
+      bn_group_size=ml_collections.FieldReference(32, field_type=object),  # None: whole batch
       dtype='float32',
       init_scale=1.0,
       symmetric_padding=False,
-      conv_bias=ml_collections.FieldReference(None, field_type=bool),
+      conv_bias=ml_collections.FieldReference(None, field_type=object),
   ))
 
   c.dataset = ml_collections.ConfigDict(dict(
@@ -67,7 +67,7 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   c.lr_decay_factor = 0.96
   c.lr_decay_epochs = 8.0  # staircase: x lr_decay_factor every lr_decay_epochs
   c.warmup_epochs = 0.0
-  c.ema_decay = ml_collections.FieldReference(None, field_type=float)  # Polyak/EMA of weights
+  c.ema_decay = ml_collections.FieldReference(None, field_type=object)  # Polyak/EMA of weights
 
   c.batch_size = 256  # global, over all devices and hosts
   c.paper_steps = 15_000_000  # training length in 32-image steps
