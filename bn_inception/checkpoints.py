@@ -1,0 +1,118 @@
+"""Orbax checkpoints of a run's workdir: `WORKDIR/checkpoints/<step>/state` plus `WORKDIR/config.json`.
+
+Orbax writes every checkpoint into a temporary directory and renames it when complete, so a crash
+mid-write never touches the last good one; an incomplete or unreadable newest checkpoint is skipped
+in favour of the previous one, with a warning.
+"""
+
+import json
+import os
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+ITEM = 'state'
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
+      read_only=read_only, enable_async_checkpointing=not read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(ITEM,))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
+  mngr.save(step, args=ocp.args.Composite(**{ITEM: ocp.args.StandardSave(state)}), force=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
+                   step: Optional[int] = None) -> tuple[Optional[int], Any]:
+  """Restores `step` (default: the newest that reads back), into the structure of `target`.
+
+  Returns (step, state), or (None, None) when the directory holds no checkpoint. A newest checkpoint
+  that cannot be read is skipped with a warning; a checkpoint whose structure or shapes differ from
+  `target` (another model's workdir) is a clear error.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(
+          f'No checkpoint for step {step} in {mngr.directory}; available: {sorted(steps)}.')
+    steps = [step]
+  restore_args = (ocp.args.StandardRestore(target) if target is not None
+                  else ocp.args.StandardRestore())
+  for i, s in enumerate(steps):
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
+    except (ValueError, KeyError, TypeError) as e:
+      if _is_mismatch(e):
+        raise ValueError(
+            f'The checkpoint at step {s} in {mngr.directory} does not fit this model/config: {e}\n'
+            'Is this workdir another run\'s (a different variant, width or num_classes)? '
+            'Use a new --workdir, or the config the run was started with.') from e
+      _warn_skipped(mngr, s, steps[i + 1:], e)
+    except Exception as e:  # pylint: disable=broad-except
+      _warn_skipped(mngr, s, steps[i + 1:], e)
+    else:
+      return s, restored[ITEM]
+  if steps:
+    raise RuntimeError(f'No checkpoint in {mngr.directory} could be read (tried steps {steps}).')
+  return None, None
+
+
+def _is_mismatch(e: Exception) -> bool:
+  text = str(e).lower()
+  return any(w in text for w in ('shape', 'structure', 'mismatch', 'tree', 'dtype'))
+
+
+def _warn_skipped(mngr, step, remaining, error):
+  fallback = f'falling back to step {remaining[0]}' if remaining else 'no older checkpoint is left'
+  logging.warning('Checkpoint %d in %s could not be read (%s: %s); %s.', step, mngr.directory,
+                  type(error).__name__, error, fallback)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json (atomically), warning about fields that differ from an existing one."""
+  path = os.path.join(workdir, 'config.json')
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    changed = diff(old, new)
+    if changed:
+      logging.warning('Resuming %s with a config that differs from the saved one in: %s',
+                      workdir, '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()))
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found: is {workdir} a bn_inception workdir?')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def diff(old: dict, new: dict, prefix: str = '') -> dict[str, tuple[Any, Any]]:
+  """Fields whose values differ between two nested dicts, as {'a.b': (old, new)}."""
+  out = {}
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, dict) and isinstance(b, dict):
+      out.update(diff(a, b, f'{prefix}{key}.'))
+    elif a != b:
+      out[prefix + key] = (a, b)
+  return out

@@ -1,0 +1,431 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)`, one linear loop.
+
+Data parallel with `jax.jit` over a one-axis device mesh ('data'): every batch is sharded over all
+devices of all hosts, the train state is replicated and donated. Batch-norm statistics cover groups of
+`config.model.bn_group_size` examples (the paper's 32-image workers); when the groups line up with the
+device shards they need no communication and the result does not depend on the device count.
+
+A run is a pure function of its config and its step: the learning rate depends on the step alone, the
+input pipeline reproduces the batches of any step, and dropout keys are folded from the step. So a run
+restarted from a checkpoint continues exactly as if it had never stopped, and a finished run extended
+with a larger `num_train_steps` continues as if launched with that length.
+"""
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable, Iterator, Optional
+
+from absl import logging
+import flax
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bn_inception import checkpoints
+from bn_inception import input_pipeline
+from bn_inception import models
+
+PAPER_BATCH = 32  # the paper's mini-batch: learning rates and "paper steps" are per 32 images
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  ema_params: Any  # Polyak/EMA weights, None when config.ema_decay is None
+  rng: jax.Array  # dropout keys are fold_in(rng, step)
+  nonfinite_step: jax.Array  # first step with a non-finite loss or gradient; -1: none
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimisation.
+# ------------------------------------------------------------------------------------------------
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           num_train_examples: int) -> Callable[[jax.Array], jax.Array]:
+  """The paper's per-32-image rate scaled to the batch, staircase-decayed every lr_decay_epochs.
+
+  lr(step) = learning_rate * batch_size / 32 * warmup(step) * lr_decay_factor ** floor(epoch /
+  lr_decay_epochs), with epoch = step * batch_size / num_train_examples. It depends on the step alone.
+  """
+  base = config.learning_rate * config.batch_size / PAPER_BATCH
+  steps_per_epoch = num_train_examples / config.batch_size
+  warmup_steps = config.warmup_epochs * steps_per_epoch
+
+  def schedule(step):
+    epoch = step / steps_per_epoch
+    lr = base * config.lr_decay_factor ** jnp.floor(epoch / config.lr_decay_epochs)
+    if warmup_steps:
+      lr *= jnp.minimum(1.0, (step + 1) / warmup_steps)
+    return lr
+
+  return schedule
+
+
+def l2_loss(params) -> jax.Array:
+  """0.5 * sum of squared conv and dense kernels; BN scales/offsets and biases are not decayed."""
+  kernels = [p for path, p in jax.tree_util.tree_leaves_with_path(params)
+             if path[-1].key == 'kernel']
+  return 0.5 * sum(jnp.sum(jnp.square(k)) for k in kernels)
+
+
+def topk_correct(probs: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest-scoring classes."""
+  label_score = jnp.take_along_axis(probs, labels[:, None], axis=1)
+  return (jnp.sum(probs > label_score, axis=1) < k).astype(jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Steps (jitted in train_and_evaluate).
+# ------------------------------------------------------------------------------------------------
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, weight_decay: float,
+               ema_decay: Optional[float]) -> tuple[TrainState, dict]:
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+    return cross_entropy + weight_decay * l2_loss(params), (cross_entropy, logits, updates)
+
+  grads, (cross_entropy, logits, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, param_updates)
+  ema_params = state.ema_params
+  if ema_decay is not None:
+    ema_params = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema_params, params)
+
+  # A non-finite step changes nothing but the counters, so no checkpoint can ever hold NaN/inf; the
+  # loop stops the run when it sees nonfinite_step.
+  finite = jnp.isfinite(cross_entropy) & jnp.isfinite(optax.global_norm(grads))
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      batch_stats=keep(updates.get('batch_stats', {}), state.batch_stats),
+      opt_state=keep(opt_state, state.opt_state),
+      ema_params=keep(ema_params, state.ema_params),
+      nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, state.step,
+                               state.nonfinite_step))
+  metrics = {
+      'loss': cross_entropy,
+      'top1': jnp.mean(topk_correct(logits, batch['label'], 1)),
+      'learning_rate': schedule(state.step),
+  }
+  return new_state, metrics
+
+
+def predict(model, variables, images: jax.Array) -> jax.Array:
+  """Class probabilities [B, classes] for images [B, crops, H, W, 3], averaged over the crops."""
+  b, c = images.shape[:2]
+  logits = model.apply(variables, images.reshape((b * c,) + images.shape[2:]), train=False)
+  return jax.nn.softmax(logits).reshape(b, c, -1).mean(axis=1)
+
+
+def eval_step(variables, batch: dict, *, model) -> dict:
+  """Sums over the real (unmasked) examples of one batch: correct top-1/top-5, loss, count."""
+  probs = predict(model, variables, batch['image'])
+  mask = batch['mask'].astype(jnp.float32)
+  nll = -jnp.log(jnp.take_along_axis(probs, batch['label'][:, None], axis=1)[:, 0] + 1e-12)
+  return {
+      'top1': jnp.sum(topk_correct(probs, batch['label'], 1) * mask),
+      'top5': jnp.sum(topk_correct(probs, batch['label'], 5) * mask),
+      'loss': jnp.sum(nll * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+# ------------------------------------------------------------------------------------------------
+# Devices and data.
+# ------------------------------------------------------------------------------------------------
+def make_mesh() -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+
+
+def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.Mesh) -> None:
+  """Fails early, with the numbers, on batches that cannot be split over devices or BN groups."""
+  devices, hosts = mesh.devices.size, jax.process_count()
+  if batch_size % devices:
+    raise ValueError(
+        f'batch_size {batch_size} does not divide over {devices} devices ({hosts} host(s)). '
+        f'Use a multiple of {devices}, e.g. --config.batch_size={devices * max(1, batch_size // devices)}.')
+  if group_size is not None:
+    if batch_size % group_size:
+      raise ValueError(
+          f'batch_size {batch_size} does not divide into batch-norm groups of {group_size} '
+          f'(model.bn_group_size). Use a multiple of {group_size}, or another bn_group_size.')
+    per_device = batch_size // devices
+    if per_device % group_size:
+      logging.warning(
+          'Each of the %d devices holds %d examples, not a multiple of bn_group_size %d: BN groups '
+          'span devices, which costs communication. Prefer a batch of a multiple of %d.',
+          devices, per_device, group_size, devices * group_size)
+
+
+def global_batches(local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
+                   keys: tuple[str, ...], prefetch: int = 2) -> Iterator[dict]:
+  """Assembles each host's slices into global arrays sharded over 'data', `prefetch` ahead."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+
+  def to_global(batch):
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+            for k in keys}
+
+  queue = []
+  for batch in local_batches:
+    queue.append((to_global(batch), batch))
+    if len(queue) > prefetch:
+      yield queue.pop(0)
+  yield from queue
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisation.
+# ------------------------------------------------------------------------------------------------
+def create_train_state(config, model, tx, image_size: int) -> TrainState:
+  rng = jax.random.PRNGKey(config.seed)
+  init_rng, dropout_rng = jax.random.split(rng)
+  variables = model.init(init_rng, jnp.zeros((1, image_size, image_size, 3)), train=False)
+  params = variables['params']
+  return TrainState(
+      step=jnp.array(0, jnp.int32),
+      params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      ema_params=params if config.ema_decay is not None else None,
+      rng=dropout_rng,
+      nonfinite_step=jnp.array(-1, jnp.int32))
+
+
+def load_pretrained(state: TrainState, init_from: str) -> TrainState:
+  """Starts from another run's (or a converted) checkpoint: params and BN statistics whose paths and
+  shapes match; the rest (e.g. a classifier for another number of classes) stays freshly initialised."""
+  _, restored = checkpoints.restore_latest(checkpoints.manager(init_from, read_only=True))
+  if restored is None:
+    raise FileNotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
+  loaded, fresh = [], []
+
+  def merge(collection):
+    source = flax.traverse_util.flatten_dict(restored.get(collection) or {}, sep='/')
+    target = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
+    out = {}
+    for path, value in target.items():
+      if path in source and np.shape(source[path]) == value.shape:
+        out[path] = jnp.asarray(source[path], value.dtype)
+        loaded.append(path)
+      else:
+        out[path] = value
+        fresh.append(path)
+    return flax.traverse_util.unflatten_dict(out, sep='/')
+
+  state = state.replace(params=merge('params'), batch_stats=merge('batch_stats'))
+  logging.info('Initialised %d arrays from %s; %d stay fresh: %s', len(loaded), init_from,
+               len(fresh), fresh[:10])
+  if not loaded:
+    raise ValueError(f'Nothing in {init_from} matches this model: is it a bn_inception checkpoint?')
+  return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging.
+# ------------------------------------------------------------------------------------------------
+class MetricWriter:
+  """Metrics as JSON lines (metrics.jsonl) and TensorBoard events in the workdir; host 0 only."""
+
+  def __init__(self, workdir: str):
+    self.active = jax.process_index() == 0
+    if self.active:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self.path = os.path.join(workdir, 'metrics.jsonl')
+      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.active:
+      return
+    with open(self.path, 'a') as f:
+      f.write(json.dumps({'step': step, **metrics}) + '\n')
+    for name, value in metrics.items():
+      self.tensorboard.add_scalar(name, value, step)
+    self.tensorboard.flush()
+
+  def close(self):
+    if self.active:
+      self.tensorboard.close()
+
+
+class Preemption:
+  """Turns SIGTERM into a flag checked between steps (single host; on several hosts Orbax's
+  preemption sync point decides, so that every host stops at the same step)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+    if jax.process_count() == 1:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: leave signals alone
+        pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(variables, eval_fn, dataset_config, batch_size: int, mesh) -> dict[str, float]:
+  """Top-1/top-5 accuracy and loss over the whole eval split, every example exactly once."""
+  batches = input_pipeline.eval_batches(
+      dataset_config, local_batch_size=batch_size // jax.process_count())
+  totals = None
+  for batch, _ in global_batches(batches, mesh, ('image', 'label', 'mask')):
+    sums = eval_fn(variables, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  n = float(totals['count'])
+  return {'eval_top1': float(totals['top1']) / n, 'eval_top5': float(totals['top5']) / n,
+          'eval_loss': float(totals['loss']) / n, 'eval_examples': n}
+
+
+def eval_variables(state: TrainState) -> dict:
+  """Population BN statistics, with the EMA weights when they are kept."""
+  params = state.ema_params if state.ema_params is not None else state.params
+  return {'params': params, 'batch_stats': state.batch_stats}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+# ------------------------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains config's model in workdir, resuming from its newest checkpoint; returns the final state."""
+  # --- Devices, data and model --------------------------------------------------------------
+  mesh = make_mesh()
+  check_batch(config.batch_size, config.model.bn_group_size, mesh)
+  info = input_pipeline.get_info(config.dataset)
+  if info.num_classes != config.model.num_classes:
+    raise ValueError(f'{config.dataset.name} has {info.num_classes} classes but '
+                     f'model.num_classes is {config.model.num_classes}.')
+  model = models.from_config(config.model)
+  schedule = learning_rate_schedule(config, info.num_train_examples)
+  tx = optax.sgd(schedule, momentum=config.momentum)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  # --- Initialise, or resume from the newest complete checkpoint -----------------------------
+  os.makedirs(workdir, exist_ok=True)
+  checkpoints.write_config(workdir, config)
+  init = functools.partial(create_train_state, config, model, tx, config.dataset.image_size)
+  state = jax.jit(init, out_shardings=replicated)()
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
+                             keep_every=config.keep_checkpoint_every_steps)
+  step, restored = checkpoints.restore_latest(mngr, target=state)
+  if restored is not None:
+    state = restored
+    logging.info('Resumed from the checkpoint at step %d in %s.', step, mngr.directory)
+  elif config.init_from:
+    state = load_pretrained(state, config.init_from)
+  step = int(state.step)
+
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        weight_decay=config.weight_decay, ema_decay=config.ema_decay),
+      in_shardings=(replicated, None), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
+
+  local_batch = config.batch_size // jax.process_count()
+  train_iter = global_batches(
+      input_pipeline.train_batches(config.dataset, local_batch_size=local_batch,
+                                   seed=config.seed, start_step=step),
+      mesh, ('image', 'label'))
+  writer = MetricWriter(workdir)
+  preemption = Preemption()
+
+  def stop_if_diverged():
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+      mngr.wait_until_finished()
+      last = mngr.latest_step()
+      raise FloatingPointError(
+          f'Training diverged: the loss or gradients were not finite at step {bad} '
+          f'(paper step {bad * config.batch_size // PAPER_BATCH}). The last good checkpoint is '
+          f'{"step %d in %s" % (last, mngr.directory) if last is not None else "none (none saved yet)"}. '
+          'Lower the learning rate (or add warm-up) and restart from it.')
+
+  def save_checkpoint():
+    stop_if_diverged()
+    checkpoints.save(mngr, step, state)
+
+  # --- Train ---------------------------------------------------------------------------------
+  logging.info('Training %s on %d device(s), %d host(s): steps %d..%d, batch %d (%s per device).',
+               config.dataset.name, mesh.devices.size, jax.process_count(), step,
+               config.num_train_steps, config.batch_size, config.batch_size // mesh.devices.size)
+  pending, interval_start, interval_steps = [], None, 0
+  try:
+    while step < config.num_train_steps:
+      batch, _ = next(train_iter)
+      if interval_start is None:  # compile before timing, and say so
+        logging.info('Compiling the training step...')
+        t = time.perf_counter()
+        train_fn = train_fn.lower(state, batch).compile()
+        logging.info('Compiled in %.1f s.', time.perf_counter() - t)
+        interval_start = time.perf_counter()
+
+      state, metrics = train_fn(state, batch)
+      step += 1
+      interval_steps += 1
+      pending.append(metrics)
+
+      if step % config.log_every_steps == 0 or step == config.num_train_steps:
+        stop_if_diverged()
+        summary = {k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in pending[0]}
+        elapsed = time.perf_counter() - interval_start
+        summary['img_per_s'] = interval_steps * config.batch_size / elapsed
+        summary['paper_step'] = step * config.batch_size // PAPER_BATCH
+        eta = (config.num_train_steps - step) * elapsed / interval_steps
+        logging.info('step %d (paper step %d): loss %.4f, top-1 %.3f, lr %.5g, %.0f img/s, ETA %s',
+                     step, summary['paper_step'], summary['loss'], summary['top1'],
+                     summary['learning_rate'], summary['img_per_s'], format_seconds(eta))
+        writer.write(step, summary)
+        pending, interval_start, interval_steps = [], time.perf_counter(), 0
+
+      if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+        stop_if_diverged()
+        results = evaluate(eval_variables(state), eval_fn, config.dataset,
+                           config.eval_batch_size, mesh)
+        results['paper_step'] = step * config.batch_size // PAPER_BATCH
+        logging.info('step %d eval: top-1 %.4f, top-5 %.4f, loss %.4f (%d examples)', step,
+                     results['eval_top1'], results['eval_top5'], results['eval_loss'],
+                     results['eval_examples'])
+        writer.write(step, results)
+        interval_start = time.perf_counter()  # evaluation time is not training time
+
+      if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
+          or preemption.requested or mngr.reached_preemption(step)):
+        save_checkpoint()
+        if step < config.num_train_steps and (preemption.requested or
+                                              mngr.reached_preemption(step)):
+          logging.warning('Pre-empted: checkpoint saved at step %d; rerun the same command to '
+                          'resume.', step)
+          break
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    preemption.restore()
+  return state
+
+
+def format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
