@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from bn_inception import layers
 
@@ -147,6 +148,28 @@ class BNInception(nn.Module):
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=nn.initializers.normal(0.01), name='logits')(x)
     return x.astype(jnp.float32)
+
+
+COLOR_ORDERS = ('rgb', 'bgr')
+
+
+def normalize_pixels(images, input_config):
+  """RGB pixels in [0, 255] -> the network's input, as `config.input` describes it for its weights.
+
+  `color_order` is the channel order the weights expect; `mean` and `std` are per channel, in that
+  order, on the 0-255 scale: (pixels - mean) / std. Our default (rgb, 127.5, 127.5) gives [-1, 1];
+  the Caffe-trained weights want BGR minus the Caffe means (bn_inception.convert). NHWC float arrays
+  of numpy, JAX or TensorFlow (integer numpy/JAX images are promoted to float32).
+  """
+  if input_config.color_order not in COLOR_ORDERS:
+    raise ValueError(
+        f'Unknown input.color_order {input_config.color_order!r}; valid: {list(COLOR_ORDERS)}.')
+  if input_config.color_order == 'bgr':
+    images = images[..., ::-1]
+  # numpy constants: they broadcast against numpy, JAX and TensorFlow arrays alike.
+  mean = np.asarray(input_config.mean, np.float32)
+  std = np.asarray(input_config.std, np.float32)
+  return (images - mean) / std
 
 
 def from_config(model_config) -> BNInception:

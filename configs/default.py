@@ -47,6 +47,14 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       conv_bias=ml_collections.FieldReference(None, field_type=object),
   ))
 
+  # How RGB pixels in [0, 255] become the network's input (models.normalize_pixels): bound to the
+  # weights, so that converted weights carry their own convention (bn_inception.convert).
+  c.input = ml_collections.ConfigDict(dict(
+      color_order='rgb',  # 'rgb' | 'bgr': the channel order the weights expect
+      mean=(127.5, 127.5, 127.5),  # per channel, in color_order, on the 0-255 scale
+      std=(127.5, 127.5, 127.5),  # (pixels - mean) / std: [-1, 1] by default
+  ))
+
   c.dataset = ml_collections.ConfigDict(dict(
       name='imagenet2012',
       data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data dir
