@@ -6,6 +6,7 @@ Rerunning the same command resumes from the newest checkpoint in the workdir. On
 Open MPI, TPU pods) run the same command on every host: JAX's distributed runtime finds its peers.
 """
 
+import logging as std_logging
 import os
 
 from absl import app
@@ -32,9 +33,16 @@ def launched_on_several_hosts() -> bool:
   return any(v in os.environ for v in ('JAX_COORDINATOR_ADDRESS', 'TPU_WORKER_HOSTNAMES'))
 
 
+def quiet_orbax() -> None:
+  """Orbax logs every step of every save at INFO; keep its warnings only."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  quiet_orbax()
   # TensorFlow only feeds data: keep it off the accelerators' memory.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   multihost = _MULTIHOST.value
