@@ -18,6 +18,7 @@ hosts yield the same number of batches; `mask` is False on the padding and `id` 
 """
 
 import functools
+import itertools
 from typing import Callable, Iterator, NamedTuple
 
 import jax
@@ -160,7 +161,7 @@ def _digits_train(config, *, local_batch_size, seed, start_step, process_index, 
   # The stream is the concatenation of per-epoch permutations; global batch k is its positions
   # [k * global_batch, (k + 1) * global_batch), and each host takes its slice of that.
   global_batch = local_batch_size * process_count
-  for step in _count(start_step):
+  for step in itertools.count(start_step):
     positions = step * global_batch + process_index * local_batch_size + np.arange(local_batch_size)
     epochs, offsets = np.divmod(positions, len(train))
     chosen = np.empty_like(positions)
@@ -264,12 +265,6 @@ def _processes(process_index, process_count):
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, process_count={process_count}).')
   return process_index, process_count
-
-
-def _count(start):
-  while True:
-    yield start
-    start += 1
 
 
 def get_info(dataset_config) -> DatasetInfo:
