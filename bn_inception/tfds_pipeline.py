@@ -1,0 +1,372 @@
+"""TFDS data sets for the input pipeline: reading, Inception-style preprocessing, multi-crop.
+
+The only module that imports TensorFlow; `input_pipeline` imports it when a TFDS data set is used.
+Call it through `input_pipeline`, which defines the interface.
+
+Training reads the TFRecord files TFDS prepared, in an order that depends only on (seed, epoch), so
+that a resumed run skips straight to its position without decoding anything: every epoch shuffles
+the host's files, reads them in chunks of `files` files interleaved example by example, shuffles
+each chunk through a buffer seeded per chunk, and skips whole chunks (and then records) to reach the
+start. Random crops, flips and colour distortions are stateless random ops seeded by (seed, host,
+position in the host's stream), so parallel decoding does not change a single pixel.
+"""
+
+import os
+from typing import NamedTuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bn_inception import input_pipeline
+
+# JAX owns the accelerators: TensorFlow must not reserve their memory. (If TensorFlow has already
+# set up its devices, someone else decided; the call then raises and changes nothing.)
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except RuntimeError:
+  pass
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class Shuffle(NamedTuple):
+  """How thoroughly training shuffles (config.dataset.shuffle)."""
+  files: int  # read together, interleaved example by example
+  buffer: int  # examples in the shuffle buffer
+
+
+# 'light': the original Inception recipe: files in random order, one at a time, a small buffer, so
+# examples that share a file also share mini-batches, every epoch. 'thorough' (paper section 4.2.1,
+# "within-shard shuffling"): 16 files interleaved and a buffer as large as most of them, so batches
+# mix examples from different files in a new combination every epoch. On ImageNet (1024 files of
+# ~1250 examples, ~110 kB each) the thorough buffer holds ~1.8 GB, twice while the next chunk fills.
+SHUFFLE = {'light': Shuffle(files=1, buffer=1_024), 'thorough': Shuffle(files=16, buffer=16_384)}
+
+IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+IMAGENET_MISSING = """\
+ImageNet (imagenet2012) is not prepared in {data_dir}, and {problem}.
+Download ILSVRC2012_img_train.tar (138 GiB) and ILSVRC2012_img_val.tar (6.3 GiB) from
+https://image-net.org/download-images (an account is needed), put both files in one directory DIR
+and pass
+  --config.dataset.manual_dir=DIR --config.dataset.data_dir=WHERE_THE_PREPARED_DATA_GOES
+The first run prepares the data set once (hours; about 150 GB in data_dir); later runs only read
+data_dir and need no manual_dir."""
+
+# Training crops (Inception / GoogLeNet): 8%-100% of the area, aspect ratio 3/4-4/3.
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Photometric distortions at strength 1.0 (Andrew Howard's, as in TF-slim's Inception preprocessing).
+MAX_BRIGHTNESS_DELTA = 32 / 255
+MAX_SATURATION_FACTOR = 0.5  # factor in 1 +- this
+MAX_HUE_DELTA = 0.2
+MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data set and its files
+# ---------------------------------------------------------------------------------------------------
+
+def _builder(config) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder; prepares it first (once) when needed."""
+  try:
+    builder = tfds.builder(config.name, data_dir=config.data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(input_pipeline.unknown_dataset_message(config.name)) from None
+  if builder.is_prepared():
+    return builder
+  if config.name == 'imagenet2012':
+    manual_dir = config.manual_dir
+    missing = [name for name in IMAGENET_ARCHIVES
+               if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
+    if missing:
+      problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
+                 'config.dataset.manual_dir is not set')
+      raise FileNotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir, problem=problem))
+  logging.info('Preparing %s in %s, once.', config.name, builder.data_dir)
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  return builder
+
+
+def _keys(builder):
+  """(image key, label key, id key or None) of an image-classification data set."""
+  info = builder.info
+  image, label = info.supervised_keys or (None, None)
+  features = dict(info.features.items())
+  if not (isinstance(features.get(image), tfds.features.Image) and
+          isinstance(features.get(label), tfds.features.ClassLabel)):
+    raise ValueError(f'{info.name} is not an image-classification data set: its supervised keys '
+                     f'are {info.supervised_keys}, its features {info.features}.')
+  if info.file_format != tfds.core.FileFormat.TFRECORD:
+    raise ValueError(f'{info.name} is stored as {info.file_format}; the pipeline reads TFRecord.')
+  ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
+  return image, label, (ids[0] if ids else None)
+
+
+def get_info(config) -> input_pipeline.DatasetInfo:
+  builder = _builder(config)
+  _, label, _ = _keys(builder)
+  return input_pipeline.DatasetInfo(
+      num_classes=builder.info.features[label].num_classes,
+      num_train_examples=builder.info.splits[config.train_split].num_examples,
+      num_eval_examples=builder.info.splits[config.eval_split].num_examples)
+
+
+def _parser(builder, keys):
+  """Parses the given features of a serialized example; images stay encoded."""
+  spec = builder.info.features.tf_example_spec
+  spec = {key: spec[key] for key in keys if key is not None}
+  return lambda record: tf.io.parse_single_example(record, spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoding and cropping
+# ---------------------------------------------------------------------------------------------------
+
+def _decode_window(data, window_fn):
+  """Decodes the crop window_fn(shape) = [top, left, height, width] of an encoded image as RGB uint8.
+
+  JPEGs are decoded and cropped in one step (only the crop is decompressed). Grayscale and CMYK JPEGs
+  come out as RGB; PNGs (ImageNet has one named .JPEG), GIFs and BMPs take the slower general path.
+  """
+  def jpeg():
+    window = window_fn(tf.image.extract_jpeg_shape(data))
+    return tf.image.decode_and_crop_jpeg(data, window, channels=3)
+
+  def other():
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    top, left, height, width = tf.unstack(window_fn(tf.shape(image)))
+    return image[top:top + height, left:left + width]
+
+  return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def _center_window(shape):
+  """The evaluation centre crop (crops='center') rounded to whole pixels."""
+  height, width = shape[0], shape[1]
+  side = tf.cast(input_pipeline.CENTER_FRACTION * tf.cast(tf.minimum(height, width), tf.float32),
+                 tf.int32)
+  side = tf.maximum(side, 1)
+  return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
+
+
+def _random_window(seed):
+  """A window function: a random crop of 8-100% of the area and aspect ratio 3/4-4/3, or the
+  centre crop when ten tries find none (very wide or tall images)."""
+  def window(shape):
+    whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, whole_image, seed=seed, min_object_covered=0.0, area_range=AREA_RANGE,
+        aspect_ratio_range=ASPECT_RATIO_RANGE, max_attempts=10, use_image_if_no_bounding_boxes=True)
+    failed = tf.reduce_all(tf.equal(size[:2], shape[:2]))  # it returns the whole image then
+    return tf.cond(failed, lambda: _center_window(shape),
+                   lambda: tf.concat([begin[:2], size[:2]], axis=0))
+  return window
+
+
+def _distort_colour(image, strength, seed):
+  """Brightness, saturation, hue and contrast, in a random order, on an image in [0, 1]."""
+  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+  distortions = (
+      lambda x: tf.image.stateless_random_brightness(x, MAX_BRIGHTNESS_DELTA * strength, seeds[0]),
+      lambda x: tf.image.stateless_random_saturation(
+          x, 1 - MAX_SATURATION_FACTOR * strength, 1 + MAX_SATURATION_FACTOR * strength, seeds[1]),
+      lambda x: tf.image.stateless_random_hue(x, MAX_HUE_DELTA * strength, seeds[2]),
+      lambda x: tf.image.stateless_random_contrast(
+          x, 1 - MAX_CONTRAST_FACTOR * strength, 1 + MAX_CONTRAST_FACTOR * strength, seeds[3]),
+  )
+
+  # A random permutation, applied one position at a time: 4 x 4 branches to trace instead of 24 x 4.
+  order = tf.random.experimental.stateless_shuffle(tf.range(len(distortions)), seeds[4])
+  for position in range(len(distortions)):
+    image = tf.switch_case(order[position],
+                           [lambda distort=distort, x=image: distort(x) for distort in distortions])
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def train_image(data, seed, image_size: int, distortion_strength: float):
+  """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
+  if not 0 <= distortion_strength <= 2:
+    raise ValueError(f'distortion_strength must be in [0, 2], got {distortion_strength}.')
+  crop_seed, flip_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+  image = _decode_window(data, _random_window(crop_seed))
+  image = tf.image.resize(image, [image_size, image_size], method='bilinear')
+  image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+  image = image / 255
+  if distortion_strength > 0:
+    image = _distort_colour(image, distortion_strength, colour_seed)
+  return image * 2 - 1
+
+
+def eval_image(data, image_size: int, crops: str):
+  """The evaluation crops of an encoded image: float32 [num_crops, S, S, 3] in [-1, 1].
+
+  Every crop is a box of `input_pipeline.crop_geometry` resampled bilinearly to S x S (sample points
+  at the centres of the output pixels, clamped to the image), then mirrored if its flag says so.
+  """
+  image = tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
+  matrices, mirrored = input_pipeline.crop_geometry(crops)
+  # crop_geometry lists the mirrored crops after the others, in the same order: resample each box
+  # once and mirror the copies.
+  num_boxes = int(np.sum(~mirrored))
+  matrices = matrices[:num_boxes]
+  height, width = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32))
+  short = tf.minimum(height, width)
+  boxes = tf.linalg.matvec(tf.constant(matrices, tf.float32),
+                           tf.stack([height - short, width - short, short]))
+  top, left, bottom, right = tf.unstack(boxes, axis=1)
+
+  def sample_range(start, stop, size):
+    # crop_and_resize puts its first and last samples at the box's ends: move them to the centres
+    # of the first and last output pixels, in pixel-index coordinates normalised by size - 1.
+    half_step = (stop - start) / (2 * image_size)
+    first = tf.clip_by_value(start + half_step - 0.5, 0, size - 1)
+    last = tf.clip_by_value(stop - half_step - 0.5, 0, size - 1)
+    return first / tf.maximum(size - 1, 1), last / tf.maximum(size - 1, 1)
+
+  y0, y1 = sample_range(top, bottom, height)
+  x0, x1 = sample_range(left, right, width)
+  images = tf.image.crop_and_resize(image[None], tf.stack([y0, x0, y1, x1], axis=1),
+                                    tf.zeros([num_boxes], tf.int32), [image_size, image_size])
+  images = images / 127.5 - 1
+  if mirrored.any():
+    images = tf.concat([images, tf.reverse(images, axis=[2])], axis=0)
+  return images
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------
+
+def _chunks(lengths, files_per_chunk: int, seed, start: int) -> tf.data.Dataset:
+  """The chunks of a host's endless stream from position `start` on.
+
+  lengths: examples in each of the host's files. Epoch e reads the files in a random order drawn
+  from (seed, e), files_per_chunk at a time. Elements: (file indices, the chunk's shuffle seed,
+  records to skip after shuffling: non-zero only in the first chunk, to reach `start`).
+  """
+  num_files = len(lengths)
+  num_chunks = -(-num_files // files_per_chunk)
+
+  def epoch_order(epoch):
+    epoch_seed = tf.random.experimental.stateless_fold_in(seed, epoch)
+    order_seed, chunk_seed = tf.unstack(tf.random.experimental.stateless_split(epoch_seed, 2))
+    order = tf.random.experimental.stateless_shuffle(tf.range(num_files, dtype=tf.int64),
+                                                     order_seed)
+    chunk_seeds = tf.random.stateless_uniform([num_chunks], chunk_seed, minval=0, maxval=2**62,
+                                              dtype=tf.int64)
+    return order, chunk_seeds
+
+  def epoch_chunks(epoch):
+    order, chunk_seeds = epoch_order(epoch)
+    return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(order).batch(files_per_chunk),
+                               tf.data.Dataset.from_tensor_slices(chunk_seeds))
+
+  # Whole epochs and chunks before `start` are skipped without reading a record.
+  epoch, offset = divmod(start, int(sum(lengths)))
+  order, _ = epoch_order(tf.constant(epoch, tf.int64))  # the same ops as in the graph: same order
+  chunk_ends = np.cumsum(np.add.reduceat(np.asarray(lengths)[order.numpy()],
+                                         np.arange(0, num_files, files_per_chunk)))
+  chunk = int(np.searchsorted(chunk_ends, offset, side='right'))
+  skip = offset - (int(chunk_ends[chunk - 1]) if chunk else 0)
+  chunks = tf.data.Dataset.counter(epoch).flat_map(epoch_chunks).skip(chunk)
+  skips = tf.data.Dataset.from_tensors(np.int64(skip)).concatenate(
+      tf.data.Dataset.from_tensors(np.int64(0)).repeat())
+  return tf.data.Dataset.zip(chunks, skips).map(lambda chunk, skip: (*chunk, skip))
+
+
+def _read(instructions):
+  """tfds FileInstructions as constant tensors (filenames, records to skip, records to take)."""
+  return (tf.constant([i.filename for i in instructions], tf.string),
+          tf.constant([i.skip for i in instructions], tf.int64),
+          tf.constant([i.take for i in instructions], tf.int64))
+
+
+def train_batches(config, *, local_batch_size, seed, start_step, process_index, process_count):
+  builder = _builder(config)
+  image_key, label_key, _ = _keys(builder)
+  shuffle = SHUFFLE.get(config.shuffle)
+  if shuffle is None:
+    raise ValueError(f'Unknown shuffle {config.shuffle!r}; valid: {list(SHUFFLE)}.')
+  # Equal shares keep the hosts' epochs in step; fewer than process_count examples are left out.
+  host_split = tfds.even_splits(config.train_split, n=process_count,
+                                drop_remainder=True)[process_index]
+  instructions = builder.info.splits[host_split].file_instructions
+  if not instructions:
+    raise ValueError(f'{config.train_split} has fewer examples than there are hosts.')
+  filenames, skips, takes = _read(instructions)
+  # Seeded by host too: hosts read different files, and draw different crops.
+  plan_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(
+      tf.constant([seed, process_index], tf.int64), 2))
+  start = start_step * local_batch_size
+
+  def chunk_records(files, chunk_seed, skip):
+    records = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(filenames, files), tf.gather(skips, files), tf.gather(takes, files)))
+    records = records.interleave(
+        lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take),
+        cycle_length=shuffle.files, block_length=1, num_parallel_calls=AUTOTUNE,
+        deterministic=True)
+    return records.shuffle(shuffle.buffer, seed=chunk_seed).skip(skip)
+
+  # cycle_length=1 reads the chunks in order, like flat_map, but fills the next chunk's shuffle
+  # buffer in the background.
+  records = _chunks([i.take for i in instructions], shuffle.files, plan_seed, start).interleave(
+      chunk_records, cycle_length=1, num_parallel_calls=1, deterministic=True)
+  parse = _parser(builder, (image_key, label_key))
+
+  def preprocess(position, record):
+    example = parse(record)
+    return {'image': train_image(example[image_key],
+                                 tf.random.experimental.stateless_fold_in(example_seed, position),
+                                 config.image_size, config.distortion_strength),
+            'label': tf.cast(example[label_key], tf.int32)}
+
+  ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), records)
+  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
+  return ds.as_numpy_iterator()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------
+
+def eval_batches(config, *, local_batch_size, crops, process_index, process_count):
+  ds = _eval_dataset(config, local_batch_size, crops, process_index, process_count)
+  return ({**batch, 'id': np.char.decode(batch['id'].astype(bytes), 'utf-8')}
+          for batch in ds.as_numpy_iterator())
+
+
+def _eval_dataset(config, local_batch_size, crops, process_index, process_count):
+  builder = _builder(config)
+  image_key, label_key, id_key = _keys(builder)
+  num_examples = builder.info.splits[config.eval_split].num_examples
+  host_split = tfds.even_splits(config.eval_split, n=process_count)[process_index]
+  instructions = builder.info.splits[host_split].file_instructions
+  host_examples = sum(i.take for i in instructions)
+  parse = _parser(builder, (image_key, label_key, id_key))
+
+  def read(filename, skip, take):
+    records = tf.data.TFRecordDataset(filename).skip(skip).take(take)
+    # Without an id feature, the id is TFDS's: "<file name>__<index in the file>".
+    ids = tf.data.Dataset.range(skip, skip + take).map(lambda index: tf.strings.join(
+        [tf.strings.split(filename, '/')[-1], '__', tf.strings.as_string(index)]))
+    return tf.data.Dataset.zip(records, ids)
+
+  def preprocess(record, fallback_id):
+    example = parse(record)
+    return {'image': eval_image(example[image_key], config.image_size, crops),
+            'label': tf.cast(example[label_key], tf.int32),
+            'mask': True,
+            'id': example[id_key] if id_key else fallback_id}
+
+  ds = tf.data.Dataset.from_tensor_slices(_read(instructions)).flat_map(read)
+  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  num_batches = input_pipeline.num_eval_batches(num_examples, local_batch_size, process_count)
+  padding = {'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False, 'id': ''}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
+      num_batches * local_batch_size - host_examples))
+  return ds.batch(local_batch_size, drop_remainder=True).prefetch(1)

@@ -1,0 +1,34 @@
+r"""Writes tiny ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar, in the real layout, to OUT_DIR.
+
+For trying the ImageNet path end to end in a few minutes on a CPU (the archives hold 30 training and
+12 validation images of 5 synsets, odd ones included: grayscale, CMYK, PNG, progressive, tiny, very
+wide and very tall):
+
+  python scripts/make_tiny_imagenet.py /tmp/tiny/manual
+  python -m bn_inception.main --config=configs/bn_x30.py --workdir=/tmp/tiny/run \
+      --config.dataset.manual_dir=/tmp/tiny/manual --config.dataset.data_dir=/tmp/tiny/data \
+      --config.dataset.image_size=32 --config.model.width=0.25 --config.batch_size=8 \
+      --config.num_train_steps=20
+
+The archives are the test suite's (tests/imagenet_fixture.py, which needs pillow and pytest:
+`pip install -e '.[test]'`), so what a person runs is what the tests check.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, 'tests'))
+
+import imagenet_fixture  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def main(argv):
+  if len(argv) != 2:
+    sys.exit(__doc__)
+  manifest = imagenet_fixture.write_archives(argv[1])
+  print(f'Wrote {len(manifest["train"])} training and {len(manifest["validation"])} validation '
+        f'images to {argv[1]}/ILSVRC2012_img_{{train,val}}.tar')
+
+
+if __name__ == '__main__':
+  main(sys.argv)

@@ -1,0 +1,125 @@
+"""Tiny ImageNet archives in the real ILSVRC2012 layout, and a session fixture that prepares them.
+
+`write_archives(manual_dir)` writes the two files a user downloads from image-net.org, in miniature:
+ILSVRC2012_img_train.tar (one nXXXXXXXX.tar per synset, holding nXXXXXXXX_N.JPEG) and
+ILSVRC2012_img_val.tar (ILSVRC2012_val_%08d.JPEG), with the odd files real ImageNet has: grayscale,
+CMYK, PNG named .JPEG (some under the names TFDS's builder converts, some not), progressive JPEG,
+images smaller than any crop, very wide and very tall ones. TFDS's own imagenet2012 builder prepares
+them; scripts/make_tiny_imagenet.py writes them for a command-line run.
+
+TFDS labels the validation images with the first lines of its validation_labels.txt (it pairs the
+sorted file names with that file's lines), so the archive need not hold all 50,000.
+"""
+
+import io
+import os
+import tarfile
+import types
+
+import numpy as np
+from PIL import Image
+import pytest
+
+SYNSETS = ('n01440764', 'n01739381', 'n02105855', 'n04596742', 'n15075141')
+IMAGES_PER_SYNSET = 6
+NUM_VAL = 12
+
+# file name -> (kind, (height, width)); every other image is a baseline RGB JPEG of 40-100 pixels.
+# n01739381_1309 and n02105855_2933 are on the builder's own CMYK and PNG lists (it re-encodes them);
+# the other odd files reach the input pipeline as they are.
+ODD_TRAIN = {
+    'n01739381_1309.JPEG': ('cmyk', None),
+    'n02105855_2933.JPEG': ('png', None),
+    'n01440764_1.JPEG': ('cmyk', None),
+    'n01440764_2.JPEG': ('progressive', None),
+    'n04596742_3.JPEG': ('png', None),
+    'n15075141_1.JPEG': ('gray', None),
+    'n02105855_4.JPEG': ('rgb', (5, 7)),
+    'n04596742_5.JPEG': ('rgb', (20, 320)),
+    'n15075141_5.JPEG': ('rgb', (240, 20)),
+}
+ODD_VAL = {
+    1: ('gray', None),
+    2: ('cmyk', None),
+    3: ('png', None),
+    4: ('progressive', None),
+    5: ('rgb', (3, 4)),
+    6: ('rgb', (16, 400)),
+}
+
+
+def _tfds_labels(name):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  path = tfds.core.tfds_path(f'datasets/imagenet2012/{name}')
+  return path.read_text().split()
+
+
+def _encode(rng, kind, size):
+  """A smooth random image (so JPEG keeps it faithfully) encoded as `kind`."""
+  height, width = size or rng.integers(40, 101, size=2)
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  colours = rng.uniform(0, 255, size=(3, 3))  # at the top left, bottom left and top right
+  pixels = (colours[0] + np.multiply.outer(y, colours[1] - colours[0]) +
+            np.multiply.outer(x, colours[2] - colours[0]))
+  image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+  buffer = io.BytesIO()
+  if kind == 'png':
+    image.save(buffer, format='PNG')
+  else:
+    mode = {'gray': 'L', 'cmyk': 'CMYK'}.get(kind, 'RGB')
+    image.convert(mode).save(buffer, format='JPEG', quality=95, progressive=kind == 'progressive')
+  return buffer.getvalue()
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_archives(manual_dir, seed=0):
+  """Writes the two archives into manual_dir; returns {'train': {file: synset}, 'validation': ...}."""
+  os.makedirs(manual_dir, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  manifest = {'train': {}, 'validation': {}}
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as train_tar:
+    for synset in SYNSETS:
+      synset_tar = io.BytesIO()
+      with tarfile.open(fileobj=synset_tar, mode='w') as tar:
+        odd = [name for name in ODD_TRAIN if name.startswith(synset)]
+        plain = [f'{synset}_{i}.JPEG' for i in range(IMAGES_PER_SYNSET)]
+        names = odd + [name for name in plain if name not in odd][:IMAGES_PER_SYNSET - len(odd)]
+        for name in names:
+          _add(tar, name, _encode(rng, *ODD_TRAIN.get(name, ('rgb', None))))
+          manifest['train'][name] = synset
+      _add(train_tar, f'{synset}.tar', synset_tar.getvalue())
+  val_synsets = _tfds_labels('validation_labels.txt')
+  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as val_tar:
+    for i in range(1, NUM_VAL + 1):
+      name = f'ILSVRC2012_val_{i:08d}.JPEG'
+      _add(val_tar, name, _encode(rng, *ODD_VAL.get(i, ('rgb', None))))
+      manifest['validation'][name] = val_synsets[i - 1]
+  return manifest
+
+
+@pytest.fixture(scope='session')
+def tiny_imagenet(tmp_path_factory):
+  """The archives, prepared once per session by TFDS's imagenet2012 builder into several shards.
+
+  Returns a namespace: `config` (a config.dataset for them at 32 x 32), `manifest` (write_archives'),
+  `label_index` (synset -> TFDS class index).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('imagenet')
+  manifest = write_archives(root / 'manual')
+  # Several shards, so that interleaving files and per-host file ranges are exercised.
+  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data')).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
+                                                   num_shards=3))
+  config = default.get_config().dataset
+  config.data_dir = os.fspath(root / 'data')
+  config.manual_dir = os.fspath(root / 'manual')
+  config.image_size = 32
+  label_index = {synset: i for i, synset in enumerate(_tfds_labels('labels.txt'))}
+  return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index)
