@@ -7,6 +7,7 @@ in favour of the previous one, with a warning.
 
 import json
 import os
+import time
 from typing import Any, Optional
 
 from absl import logging
@@ -26,7 +27,8 @@ def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
       read_only=read_only, enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=(ITEM,))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_handlers={ITEM: ocp.StandardCheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -34,11 +36,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
-                   step: Optional[int] = None) -> tuple[Optional[int], Any]:
+                   step: Optional[int] = None,
+                   set_aside_unreadable: bool = False) -> tuple[Optional[int], Any]:
   """Restores `step` (default: the newest that reads back), into the structure of `target`.
 
   Returns (step, state), or (None, None) when the directory holds no checkpoint. A newest checkpoint
-  that cannot be read is skipped with a warning; a checkpoint whose structure or shapes differ from
+  that cannot be read is skipped with a warning (and, with `set_aside_unreadable`, renamed to
+  `<step>.unreadable` so that training can write that step again); a checkpoint whose structure or shapes differ from
   `target` (another model's workdir) is a clear error.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
@@ -51,16 +55,18 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
                   else ocp.args.StandardRestore())
   for i, s in enumerate(steps):
     try:
+      if target is not None:
+        stored = mngr.item_metadata(s)[ITEM].tree
+        check_fits(stored['params'], params_of(target), s, mngr.directory)
       restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
-    except (ValueError, KeyError, TypeError) as e:
-      if _is_mismatch(e):
-        raise ValueError(
-            f'The checkpoint at step {s} in {mngr.directory} does not fit this model/config: {e}\n'
-            'Is this workdir another run\'s (a different variant, width or num_classes)? '
-            'Use a new --workdir, or the config the run was started with.') from e
-      _warn_skipped(mngr, s, steps[i + 1:], e)
+    except CheckpointMismatchError:
+      raise
     except Exception as e:  # pylint: disable=broad-except
-      _warn_skipped(mngr, s, steps[i + 1:], e)
+      fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none is older'
+      logging.warning('Checkpoint %d in %s could not be read (%s: %s); %s.', s, mngr.directory,
+                      type(e).__name__, e, fallback)
+      if set_aside_unreadable:
+        set_aside(mngr, s)
     else:
       return s, restored[ITEM]
   if steps:
@@ -68,15 +74,35 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
   return None, None
 
 
-def _is_mismatch(e: Exception) -> bool:
-  text = str(e).lower()
-  return any(w in text for w in ('shape', 'structure', 'mismatch', 'tree', 'dtype'))
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
+  """Renames an unreadable checkpoint out of Orbax's way, keeping it for inspection."""
+  path = os.path.join(str(mngr.directory), str(step))
+  if jax.process_index() == 0 and os.path.isdir(path):
+    os.replace(path, f'{path}.unreadable.{int(time.time())}')
+  mngr.reload()
 
 
-def _warn_skipped(mngr, step, remaining, error):
-  fallback = f'falling back to step {remaining[0]}' if remaining else 'no older checkpoint is left'
-  logging.warning('Checkpoint %d in %s could not be read (%s: %s); %s.', step, mngr.directory,
-                  type(error).__name__, error, fallback)
+class CheckpointMismatchError(ValueError):
+  pass
+
+
+def params_of(state):
+  return state.params if hasattr(state, 'params') else state['params']
+
+
+def check_fits(stored_params, params, step: int, directory) -> None:
+  """Refuses a checkpoint whose parameters are not this model's (names and shapes)."""
+  shapes = lambda tree: {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
+                         for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+  stored, expected = shapes(stored_params), shapes(params)
+  if stored != expected:
+    differ = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+    raise CheckpointMismatchError(
+        f'The checkpoint at step {step} in {directory} does not fit this model: '
+        f'{len(differ)} parameter(s) differ in name or shape, e.g. '
+        + ', '.join(f'{k}: {stored.get(k)} stored, {expected.get(k)} expected' for k in differ[:3])
+        + '. Is this workdir another run\'s (a different variant, width or num_classes)? Use a new '
+        '--workdir, or the config the run was started with.')
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

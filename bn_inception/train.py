@@ -105,7 +105,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, weight_de
 
   # A non-finite step changes nothing but the counters, so no checkpoint can ever hold NaN/inf; the
   # loop stops the run when it sees nonfinite_step.
-  finite = jnp.isfinite(cross_entropy) & jnp.isfinite(optax.global_norm(grads))
+  finite = jnp.isfinite(cross_entropy) & jnp.isfinite(optax.tree.norm(grads))
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
@@ -146,8 +146,9 @@ def eval_step(variables, batch: dict, *, model) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Devices and data.
 # ------------------------------------------------------------------------------------------------
-def make_mesh() -> jax.sharding.Mesh:
-  return jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+def make_mesh(devices: Optional[list] = None) -> jax.sharding.Mesh:
+  """A one-axis mesh ('data') over `devices` (default: every device of every host)."""
+  return jax.sharding.Mesh(np.array(devices or jax.devices()), ('data',))
 
 
 def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.Mesh) -> None:
@@ -307,10 +308,14 @@ def eval_variables(state: TrainState) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The loop.
 # ------------------------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains config's model in workdir, resuming from its newest checkpoint; returns the final state."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Optional[list] = None) -> TrainState:
+  """Trains config's model in workdir, resuming from its newest checkpoint; returns the final state.
+
+  `devices` restricts the run to some devices (default: all of them).
+  """
   # --- Devices, data and model --------------------------------------------------------------
-  mesh = make_mesh()
+  mesh = make_mesh(devices)
   check_batch(config.batch_size, config.model.bn_group_size, mesh)
   info = input_pipeline.get_info(config.dataset)
   if info.num_classes != config.model.num_classes:
@@ -328,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = jax.jit(init, out_shardings=replicated)()
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
                              keep_every=config.keep_checkpoint_every_steps)
-  step, restored = checkpoints.restore_latest(mngr, target=state)
+  step, restored = checkpoints.restore_latest(mngr, target=state, set_aside_unreadable=True)
   if restored is not None:
     state = restored
     logging.info('Resumed from the checkpoint at step %d in %s.', step, mngr.directory)
@@ -402,13 +407,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if step % config.eval_every_steps == 0 or step == config.num_train_steps:
         stop_if_diverged()
         results = evaluate(eval_variables(state), eval_fn, config.dataset,
-                           config.eval_batch_size, mesh)
+                           config.eval_batch_size or config.batch_size, mesh)
         results['paper_step'] = step * config.batch_size // PAPER_BATCH
         logging.info('step %d eval: top-1 %.4f, top-5 %.4f, loss %.4f (%d examples)', step,
                      results['eval_top1'], results['eval_top5'], results['eval_loss'],
                      results['eval_examples'])
         writer.write(step, results)
-        interval_start = time.perf_counter()  # evaluation time is not training time
 
       if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
           or preemption.requested or mngr.reached_preemption(step)):
@@ -418,6 +422,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           logging.warning('Pre-empted: checkpoint saved at step %d; rerun the same command to '
                           'resume.', step)
           break
+
+      if interval_steps == 0:  # evaluation and checkpointing time is not training time
+        interval_start = time.perf_counter()
   finally:
     mngr.wait_until_finished()
     mngr.close()

@@ -78,7 +78,7 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   c.ema_decay = ml_collections.FieldReference(None, field_type=object)  # Polyak/EMA of weights
 
   c.batch_size = 256  # global, over all devices and hosts
-  c.eval_batch_size = c.get_ref('batch_size')
+  c.eval_batch_size = ml_collections.FieldReference(None, field_type=object)  # None: batch_size
   c.paper_steps = 15_000_000  # training length in 32-image steps
   c.num_train_steps = c.get_ref('paper_steps') * 32 // c.get_ref('batch_size')
   c.seed = 0

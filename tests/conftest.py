@@ -14,3 +14,8 @@ import jax  # noqa: E402
 
 # The tests run small networks for a few steps: compile time dominates, not run time.
 jax.config.update('jax_disable_most_optimizations', True)
+
+# Many tests compile the same small training step: keep compiled programs across tests and runs.
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(os.path.dirname(__file__), '..', '.pytest_cache', 'jax'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
