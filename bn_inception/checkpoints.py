@@ -7,11 +7,12 @@ in favour of the previous one, with a warning.
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEM = 'state'
@@ -34,12 +35,16 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
-                   step: Optional[int] = None) -> tuple[Optional[int], Any]:
+                   step: Optional[int] = None, *,
+                   only: Optional[Sequence[str]] = None) -> tuple[Optional[int], Any]:
   """Restores `step` (default: the newest that reads back), into the structure of `target`.
 
   Returns (step, state), or (None, None) when the directory holds no checkpoint. A newest checkpoint
   that cannot be read is skipped with a warning; a checkpoint whose structure or shapes differ from
-  `target` (another model's workdir) is a clear error.
+  `target` (another model's workdir) is a clear error. With `only` (names of the state's entries,
+  e.g. ('params', 'batch_stats')), the state is a dict of just those, as numpy arrays, whatever the
+  devices it was saved from; the other entries are not read, and names the checkpoint lacks (or
+  holds as None) map to None.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if step is not None:
@@ -51,7 +56,10 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
                   else ocp.args.StandardRestore())
   for i, s in enumerate(steps):
     try:
-      restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
+      if only is not None:
+        restored = {ITEM: _restore_only(mngr, s, only)}
+      else:
+        restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
     except (ValueError, KeyError, TypeError) as e:
       if _is_mismatch(e):
         raise ValueError(
@@ -66,6 +74,22 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
   if steps:
     raise RuntimeError(f'No checkpoint in {mngr.directory} could be read (tried steps {steps}).')
   return None, None
+
+
+def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) -> dict[str, Any]:
+  # A PyTree handler on the item's directory: the manager's StandardRestore cannot restore part of
+  # a tree, and the saved metadata gives the structure without knowing the model.
+  path = mngr.directory / str(step) / ITEM
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(path).tree
+    item = {name: saved[name] for name in names if saved.get(name) is not None}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = handler.restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True))
+  finally:
+    handler.close()
+  return {name: restored.get(name) for name in names}
 
 
 def _is_mismatch(e: Exception) -> bool:
