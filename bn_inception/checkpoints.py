@@ -8,11 +8,12 @@ in favour of the previous one, with a warning.
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 ITEM = 'state'
@@ -36,14 +37,18 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
-                   step: Optional[int] = None,
+                   step: Optional[int] = None, *,
+                   only: Optional[Sequence[str]] = None,
                    set_aside_unreadable: bool = False) -> tuple[Optional[int], Any]:
   """Restores `step` (default: the newest that reads back), into the structure of `target`.
 
   Returns (step, state), or (None, None) when the directory holds no checkpoint. A newest checkpoint
   that cannot be read is skipped with a warning (and, with `set_aside_unreadable`, renamed to
-  `<step>.unreadable` so that training can write that step again); a checkpoint whose structure or shapes differ from
-  `target` (another model's workdir) is a clear error.
+  `<step>.unreadable.<time>` so that training can write that step again); a checkpoint whose
+  parameters differ from `target`'s (another model's workdir) is a clear error. With `only` (names
+  of the state's entries, e.g. ('params', 'batch_stats')), the state is a dict of just those, as
+  numpy arrays, whatever the devices it was saved from; the other entries are not read, and names
+  the checkpoint lacks (or holds as None) map to None.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if step is not None:
@@ -58,7 +63,10 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
       if target is not None:
         stored = mngr.item_metadata(s)[ITEM].tree
         check_fits(stored['params'], params_of(target), s, mngr.directory)
-      restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
+      if only is not None:
+        restored = {ITEM: _restore_only(mngr, s, only)}
+      else:
+        restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -80,6 +88,22 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
   if jax.process_index() == 0 and os.path.isdir(path):
     os.replace(path, f'{path}.unreadable.{int(time.time())}')
   mngr.reload()
+
+
+def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) -> dict[str, Any]:
+  # A PyTree handler on the item's directory: the manager's StandardRestore cannot restore part of
+  # a tree, and the saved metadata gives the structure without knowing the model.
+  path = mngr.directory / str(step) / ITEM
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    saved = handler.metadata(path).tree
+    item = {name: saved[name] for name in names if saved.get(name) is not None}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = handler.restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True))
+  finally:
+    handler.close()
+  return {name: restored.get(name) for name in names}
 
 
 class CheckpointMismatchError(ValueError):

@@ -11,6 +11,8 @@ bn_x5_sigmoid.py or ensemble.py. Each accepts a scale after a colon:
   --config=configs/bn_x30.py          ImageNet, 224 x 224, the full network (the paper's run)
   --config=configs/bn_x30.py:digits   the same variant in miniature on scikit-learn's digits (CPU)
 
+ensemble.py also takes the member, 1 to 6: configs/ensemble.py:3, configs/ensemble.py:digits,3.
+
 Learning rates are the paper's, *per 32 images*: the optimiser uses
 learning_rate * batch_size / 32. Lengths are the paper's in "paper steps" of 32 images
 (`paper_steps`); num_train_steps follows batch_size unless set explicitly.
