@@ -35,7 +35,7 @@ from bn_inception.predictions import Predictions
 WEIGHTS = ('auto', 'raw', 'ema')
 
 # One compilation per network and input shape, shared by every checkpoint evaluated.
-_predict = jax.jit(train.predict, static_argnums=0)
+_predict = jax.jit(train.predict, static_argnums=(0, 3))
 
 
 def restore_variables(workdir: str, step: Optional[int] = None,
@@ -62,8 +62,9 @@ def restore_variables(workdir: str, step: Optional[int] = None,
   return step, {'params': params, 'batch_stats': state['batch_stats'] or {}}, used
 
 
-def predict_batches(model, variables, local_batches: Iterator[dict],
-                    mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def predict_batches(model, variables, local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
+                    convention: Optional[train.InputConvention] = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(probs, labels, ids) of every real example of the eval batches, on every host.
 
   `local_batches` are this host's eval batches (input_pipeline.eval_batches): images
@@ -75,7 +76,7 @@ def predict_batches(model, variables, local_batches: Iterator[dict],
   variables = jax.device_put(variables, replicated)
   probs, labels, masks, ids = [], [], [], []
   for batch, local in train.global_batches(local_batches, mesh, ('image',)):
-    out = _predict(model, variables, batch['image'])
+    out = _predict(model, variables, batch['image'], convention)
     # This host's rows, in the order of its local batch (ids stay on the host: they may be text).
     probs.append(np.asarray(multihost_utils.global_array_to_host_local_array(
         out, mesh, jax.sharding.PartitionSpec('data'))))
@@ -105,7 +106,7 @@ def default_batch_size(config: ml_collections.ConfigDict, crops: str,
   """Images per step: about config.eval_batch_size crops (so 144 crops fit where 1 does), a
   multiple of the device count."""
   devices = mesh.devices.size
-  images = config.eval_batch_size // input_pipeline.num_crops(crops)
+  images = (config.eval_batch_size or config.batch_size) // input_pipeline.num_crops(crops)
   return max(devices, images // devices * devices)
 
 
@@ -130,7 +131,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   step, variables, used = restore_variables(workdir, step, weights)
   batches = input_pipeline.eval_batches(
       config.dataset, local_batch_size=batch_size // jax.process_count(), crops=crops)
-  probs, labels, ids = predict_batches(models.from_config(config.model), variables, batches, mesh)
+  probs, labels, ids = predict_batches(models.from_config(config.model), variables, batches, mesh,
+                                       train.input_convention(config))
   if len(ids) != info.num_eval_examples or len(np.unique(ids)) != len(ids):
     logging.warning('Evaluated %d examples (%d distinct ids); %s has %d.', len(ids),
                     len(np.unique(ids)), config.dataset.name, info.num_eval_examples)

@@ -16,7 +16,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from absl import logging
 import flax
@@ -77,21 +77,51 @@ def l2_loss(params) -> jax.Array:
 
 
 def topk_correct(probs: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest-scoring classes."""
+  """1.0 where the label is among the k highest-scoring classes.
+
+  Ties count against the label (a saturated softmax that underflows to 0 for most classes must not
+  score them all as top-5 hits).
+  """
   label_score = jnp.take_along_axis(probs, labels[:, None], axis=1)
-  return (jnp.sum(probs > label_score, axis=1) < k).astype(jnp.float32)
+  return (jnp.sum(probs >= label_score, axis=1) - 1 < k).astype(jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------------
 # Steps (jitted in train_and_evaluate).
 # ------------------------------------------------------------------------------------------------
+class InputConvention(NamedTuple):
+  """config.input as a hashable (static) argument: see models.normalize_pixels."""
+  color_order: str
+  mean: tuple
+  std: tuple
+
+
+PIPELINE_CONVENTION = InputConvention('rgb', (127.5,) * 3, (127.5,) * 3)  # the pipeline's [-1, 1]
+
+
+def input_convention(config: ml_collections.ConfigDict) -> Optional[InputConvention]:
+  """The weights' input convention, or None where it is the pipeline's own [-1, 1]."""
+  convention = InputConvention(config.input.color_order, tuple(config.input.mean),
+                               tuple(config.input.std))
+  return None if convention == PIPELINE_CONVENTION else convention
+
+
+def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> jax.Array:
+  """Pipeline images in [-1, 1] -> the convention the weights were trained with (on device)."""
+  if convention is None:
+    return images
+  return models.normalize_pixels((images + 1) * 127.5, convention)
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, weight_decay: float,
-               ema_decay: Optional[float]) -> tuple[TrainState, dict]:
+               ema_decay: Optional[float],
+               convention: Optional[InputConvention] = None) -> tuple[TrainState, dict]:
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  images = to_model_input(batch['image'], convention)
 
   def loss_fn(params):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], rngs={'dropout': dropout_rng})
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
     return cross_entropy + weight_decay * l2_loss(params), (cross_entropy, logits, updates)
@@ -123,16 +153,19 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, weight_de
   return new_state, metrics
 
 
-def predict(model, variables, images: jax.Array) -> jax.Array:
+def predict(model, variables, images: jax.Array,
+            convention: Optional[InputConvention] = None) -> jax.Array:
   """Class probabilities [B, classes] for images [B, crops, H, W, 3], averaged over the crops."""
   b, c = images.shape[:2]
-  logits = model.apply(variables, images.reshape((b * c,) + images.shape[2:]), train=False)
+  images = to_model_input(images.reshape((b * c,) + images.shape[2:]), convention)
+  logits = model.apply(variables, images, train=False)
   return jax.nn.softmax(logits).reshape(b, c, -1).mean(axis=1)
 
 
-def eval_step(variables, batch: dict, *, model) -> dict:
+def eval_step(variables, batch: dict, *, model,
+              convention: Optional[InputConvention] = None) -> dict:
   """Sums over the real (unmasked) examples of one batch: correct top-1/top-5, loss, count."""
-  probs = predict(model, variables, batch['image'])
+  probs = predict(model, variables, batch['image'], convention)
   mask = batch['mask'].astype(jnp.float32)
   nll = -jnp.log(jnp.take_along_axis(probs, batch['label'][:, None], axis=1)[:, 0] + 1e-12)
   return {
@@ -209,7 +242,8 @@ def create_train_state(config, model, tx, image_size: int) -> TrainState:
 def load_pretrained(state: TrainState, init_from: str) -> TrainState:
   """Starts from another run's (or a converted) checkpoint: params and BN statistics whose paths and
   shapes match; the rest (e.g. a classifier for another number of classes) stays freshly initialised."""
-  _, restored = checkpoints.restore_latest(checkpoints.manager(init_from, read_only=True))
+  _, restored = checkpoints.restore_latest(checkpoints.manager(init_from, read_only=True),
+                                           only=('params', 'batch_stats'))
   if restored is None:
     raise FileNotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
   loaded, fresh = [], []
@@ -343,10 +377,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   train_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        weight_decay=config.weight_decay, ema_decay=config.ema_decay),
+                        weight_decay=config.weight_decay, ema_decay=config.ema_decay,
+                        convention=input_convention(config)),
       in_shardings=(replicated, None), out_shardings=(replicated, replicated),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model), out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, convention=input_convention(config)),
+                    out_shardings=replicated)
 
   local_batch = config.batch_size // jax.process_count()
   train_iter = global_batches(

@@ -197,3 +197,21 @@ def test_weight_decay_covers_kernels_only():
       lambda path, v: v if path[-1].key == 'kernel' else v + 3.0, params)
   np.testing.assert_allclose(float(train.l2_loss(bumped)), expected, rtol=1e-5)
   assert any(k.endswith('bn/scale') for k in flat) and any(k.endswith('logits/bias') for k in flat)
+
+
+def test_input_convention_maps_pipeline_pixels_to_the_weights_convention():
+  """Pipeline images in [-1, 1] reach Caffe-trained weights as BGR pixels minus the Caffe means."""
+  config = tiny_config()
+  assert train.input_convention(config) is None  # our own weights: the pipeline's [-1, 1] as is
+  config.input.update(color_order='bgr', mean=(104.0, 117.0, 128.0), std=(1.0, 1.0, 1.0))
+  convention = train.input_convention(config)
+  rgb = np.array([[[[255, 0, 51]]]], np.float32)  # one pixel, 0-255
+  out = train.to_model_input(jnp.asarray(rgb / 127.5 - 1), convention)
+  np.testing.assert_allclose(out[0, 0, 0], [51 - 104, 0 - 117, 255 - 128], atol=1e-4)
+
+
+def test_topk_counts_ties_against_the_label():
+  probs = jnp.array([[0.5, 0.2, 0.2, 0.1], [1.0, 0.0, 0.0, 0.0]])
+  np.testing.assert_array_equal(train.topk_correct(probs, jnp.array([1, 0]), 1), [0, 1])
+  np.testing.assert_array_equal(train.topk_correct(probs, jnp.array([1, 3]), 2), [0, 0])
+  np.testing.assert_array_equal(train.topk_correct(probs, jnp.array([1, 3]), 3), [1, 0])
