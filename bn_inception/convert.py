@@ -10,11 +10,13 @@ of `CAFFE_MODEL`, fed the port's input convention `CAFFE_INPUT`:
 writes `runs/caffe/checkpoints` (an Orbax checkpoint at step 0: params and batch_stats) and
 `runs/caffe/config.json` (configs/default.py's ImageNet config with those knobs), which evaluation
 reads and configs/finetune_caffe.py starts from. torch is needed only to read the `.pth` file
-(`pip install -e '.[torch]'`); it is imported here and nowhere else.
+(`pip install -e '.[torch]'`); besides this module, only the benchmark's PyTorch peer
+(bn_inception.benchmark) imports it.
 
 Run from the repository root: the written config is built from `configs/default.py`.
 """
 
+import importlib.util
 import json
 import os
 from typing import Any, Mapping
@@ -61,6 +63,21 @@ _TENSORS = {
 # torch's BN step counter: no role at inference, and none in our BN.
 _IGNORED_SUFFIX = '_bn.num_batches_tracked'
 _MAX_LISTED = 20  # keys listed per kind of error
+
+
+def load_port_module():
+  """The port's network module, `pretrainedmodels/models/bninception.py`, loaded by file path: the
+  package's __init__ imports torchvision, which the network does not need (we install pretrainedmodels
+  with --no-deps). Importing it imports torch."""
+  spec = importlib.util.find_spec('pretrainedmodels')
+  if spec is None:
+    raise ModuleNotFoundError(
+        'pretrainedmodels is not installed: pip install --no-deps pretrainedmodels==0.7.4')
+  path = os.path.join(spec.submodule_search_locations[0], 'models', 'bninception.py')
+  module_spec = importlib.util.spec_from_file_location('port_bninception', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
 
 
 def caffe_model(num_classes: int = 1000) -> models.BNInception:

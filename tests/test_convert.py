@@ -5,7 +5,6 @@ __init__ imports torchvision) gets random weights and random, non-trivial BN sta
 converted network must give its logits, from the same RGB pixels through each side's preprocessing.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -30,14 +29,11 @@ def import_torch():
 
 
 def load_port_module():
-  spec = importlib.util.find_spec('pretrainedmodels')
-  if spec is None:
+  import_torch()
+  try:
+    return convert.load_port_module()
+  except ModuleNotFoundError:
     pytest.skip('pretrainedmodels is not installed (make test installs it, --no-deps)')
-  path = os.path.join(spec.submodule_search_locations[0], 'models', 'bninception.py')
-  module_spec = importlib.util.spec_from_file_location('port_bninception', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module
 
 
 def port_preprocess(rgb, settings):
