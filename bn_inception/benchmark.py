@@ -34,10 +34,9 @@ import jax.numpy as jnp
 import jaxlib
 import ml_collections
 import numpy as np
-import optax
 
 from bn_inception import convert
-from bn_inception import models
+from bn_inception import input_pipeline
 from bn_inception import train
 
 MODES = ('train', 'eval', 'input')
@@ -232,22 +231,11 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   # --- Model, state and steps as train.train_and_evaluate builds them ------------------------
   mesh = train.make_mesh()
   train.check_batch(config.batch_size, config.model.bn_group_size, mesh)
-  model = models.from_config(config.model)
-  schedule = train.learning_rate_schedule(config, config.dataset.num_train_examples)
-  tx = optax.sgd(schedule, momentum=config.momentum)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  init = functools.partial(train.create_train_state, config, model, tx, config.dataset.image_size)
-  state = jax.jit(init, out_shardings=replicated)()
+  program = train.setup(config, input_pipeline.SYNTHETIC_INFO.num_train_examples, mesh)
   if mode == 'train':
-    jitted = jax.jit(
-        functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                          weight_decay=config.weight_decay, ema_decay=config.ema_decay),
-        in_shardings=(replicated, None), out_shardings=(replicated, replicated),
-        donate_argnums=0)
-    carry = state
+    jitted, carry = program.train_step, program.state
   else:
-    jitted = jax.jit(functools.partial(train.eval_step, model=model), out_shardings=replicated)
-    carry = train.eval_variables(state)
+    jitted, carry = program.eval_step, train.eval_variables(program.state)
   batch = synthetic_batch(config, mesh, crops=mode == 'eval')
 
   # --- Compile once, warm up, time -----------------------------------------------------------
@@ -274,7 +262,7 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   peak = peak_flops(device.device_kind, config.model.dtype)
   devices = mesh.devices.size
   flops = compiled_flops(compiled)
-  per_image = model_flops_per_image(model, config.dataset.image_size, mode)
+  per_image = model_flops_per_image(program.model, config.dataset.image_size, mode)
   memory = device.memory_stats() or {}
   return {
       'img_per_s': config.batch_size / step_s,
@@ -511,7 +499,6 @@ def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
   """Host-side img/s of the training input pipeline (decode, crop, distort, batch), per CPU core
   this process may use (restrict them with taskset to measure scaling)."""
   # Here only: for TFDS data sets the pipeline imports TensorFlow.
-  from bn_inception import input_pipeline  # pylint: disable=g-import-not-at-top
   cores = len(os.sched_getaffinity(0))
   start = time.perf_counter()
   batches = input_pipeline.train_batches(config.dataset, local_batch_size=config.batch_size,

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 from absl import logging
 import flax
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -269,6 +270,35 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
   return state
 
 
+class Program(NamedTuple):
+  model: nn.Module
+  state: TrainState  # freshly initialised, replicated over the mesh
+  train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+  eval_step: Callable  # (variables, batch) -> sums of correct top-1/top-5, loss, count
+
+
+def setup(config: ml_collections.ConfigDict, num_train_examples: int,
+          mesh: jax.sharding.Mesh) -> Program:
+  """The network, its initial state and the jitted steps, as training runs them (and
+  bn_inception.benchmark times them): state replicated and donated, batches sharded over 'data'."""
+  model = models.from_config(config.model)
+  schedule = learning_rate_schedule(config, num_train_examples)
+  tx = optax.sgd(schedule, momentum=config.momentum)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  init = functools.partial(create_train_state, config, model, tx, config.dataset.image_size)
+  state = jax.jit(init, out_shardings=replicated)()
+  convention = input_convention(config)
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        weight_decay=config.weight_decay, ema_decay=config.ema_decay,
+                        convention=convention),
+      in_shardings=(replicated, None), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, convention=convention),
+                    out_shardings=replicated)
+  return Program(model, state, train_fn, eval_fn)
+
+
 # ------------------------------------------------------------------------------------------------
 # Logging.
 # ------------------------------------------------------------------------------------------------
@@ -355,16 +385,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if info.num_classes != config.model.num_classes:
     raise ValueError(f'{config.dataset.name} has {info.num_classes} classes but '
                      f'model.num_classes is {config.model.num_classes}.')
-  model = models.from_config(config.model)
-  schedule = learning_rate_schedule(config, info.num_train_examples)
-  tx = optax.sgd(schedule, momentum=config.momentum)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
   os.makedirs(workdir, exist_ok=True)
   checkpoints.write_config(workdir, config)
-  init = functools.partial(create_train_state, config, model, tx, config.dataset.image_size)
-  state = jax.jit(init, out_shardings=replicated)()
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
                              keep_every=config.keep_checkpoint_every_steps)
   step, restored = checkpoints.restore_latest(mngr, target=state, set_aside_unreadable=True)
@@ -374,15 +399,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif config.init_from:
     state = load_pretrained(state, config.init_from)
   step = int(state.step)
-
-  train_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        weight_decay=config.weight_decay, ema_decay=config.ema_decay,
-                        convention=input_convention(config)),
-      in_shardings=(replicated, None), out_shardings=(replicated, replicated),
-      donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, convention=input_convention(config)),
-                    out_shardings=replicated)
 
   local_batch = config.batch_size // jax.process_count()
   train_iter = global_batches(
