@@ -10,6 +10,13 @@ wide and very tall):
       --config.dataset.image_size=32 --config.model.width=0.25 --config.batch_size=8 \
       --config.num_train_steps=20
 
+`--imagenet_sized` writes 200 ordinary training images per synset at ImageNet's typical 375 x 500,
+with photo-like noise, for measuring the input pipeline:
+
+  python scripts/make_tiny_imagenet.py /tmp/sized/manual --imagenet_sized
+  python scripts/benchmark.py --config=configs/bn_x30.py --mode=input \
+      --config.dataset.manual_dir=/tmp/sized/manual --config.dataset.data_dir=/tmp/sized/data
+
 The archives are the test suite's (tests/imagenet_fixture.py, which needs pillow and pytest:
 `pip install -e '.[test]'`), so what a person runs is what the tests check.
 """
@@ -23,9 +30,12 @@ import imagenet_fixture  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def main(argv):
+  sized = '--imagenet_sized' in argv
+  argv = [a for a in argv if a != '--imagenet_sized']
   if len(argv) != 2:
     sys.exit(__doc__)
-  manifest = imagenet_fixture.write_archives(argv[1])
+  kwargs = dict(images_per_synset=200, size=(375, 500)) if sized else {}
+  manifest = imagenet_fixture.write_archives(argv[1], **kwargs)
   print(f'Wrote {len(manifest["train"])} training and {len(manifest["validation"])} validation '
         f'images to {argv[1]}/ILSVRC2012_img_{{train,val}}.tar')
 

@@ -54,13 +54,16 @@ def _tfds_labels(name):
   return path.read_text().split()
 
 
-def _encode(rng, kind, size):
-  """A smooth random image (so JPEG keeps it faithfully) encoded as `kind`."""
+def _encode(rng, kind, size, noise=0.0):
+  """A smooth random image (so JPEG keeps it faithfully) encoded as `kind`; `noise` (the std of
+  added pixel noise) gives JPEGs the entropy, and so the decoding cost, of photographs."""
   height, width = size or rng.integers(40, 101, size=2)
   y, x = np.mgrid[0:height, 0:width] / max(height, width)
   colours = rng.uniform(0, 255, size=(3, 3))  # at the top left, bottom left and top right
   pixels = (colours[0] + np.multiply.outer(y, colours[1] - colours[0]) +
             np.multiply.outer(x, colours[2] - colours[0]))
+  if noise:
+    pixels = pixels + rng.normal(0, noise, pixels.shape)
   image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
   buffer = io.BytesIO()
   if kind == 'png':
@@ -77,8 +80,12 @@ def _add(tar, name, data):
   tar.addfile(info, io.BytesIO(data))
 
 
-def write_archives(manual_dir, seed=0):
-  """Writes the two archives into manual_dir; returns {'train': {file: synset}, 'validation': ...}."""
+def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size=None):
+  """Writes the two archives into manual_dir; returns {'train': {file: synset}, 'validation': ...}.
+
+  `images_per_synset` and `size` ((height, width) of the ordinary images, with photo-like noise;
+  default: 40-100 pixels, smooth) make larger archives for measuring the input pipeline.
+  """
   os.makedirs(manual_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
   manifest = {'train': {}, 'validation': {}}
@@ -87,10 +94,11 @@ def write_archives(manual_dir, seed=0):
       synset_tar = io.BytesIO()
       with tarfile.open(fileobj=synset_tar, mode='w') as tar:
         odd = [name for name in ODD_TRAIN if name.startswith(synset)]
-        plain = [f'{synset}_{i}.JPEG' for i in range(IMAGES_PER_SYNSET)]
-        names = odd + [name for name in plain if name not in odd][:IMAGES_PER_SYNSET - len(odd)]
+        plain = [f'{synset}_{i}.JPEG' for i in range(images_per_synset)]
+        names = odd + [name for name in plain if name not in odd][:images_per_synset - len(odd)]
         for name in names:
-          _add(tar, name, _encode(rng, *ODD_TRAIN.get(name, ('rgb', None))))
+          kind, odd_size = ODD_TRAIN.get(name, ('rgb', None))
+          _add(tar, name, _encode(rng, kind, odd_size or size, noise=8.0 if size else 0.0))
           manifest['train'][name] = synset
       _add(train_tar, f'{synset}.tar', synset_tar.getvalue())
   val_synsets = _tfds_labels('validation_labels.txt')
