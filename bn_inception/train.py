@@ -419,10 +419,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           f'{"step %d in %s" % (last, mngr.directory) if last is not None else "none (none saved yet)"}. '
           'Lower the learning rate (or add warm-up) and restart from it.')
 
-  def save_checkpoint():
-    stop_if_diverged()
-    checkpoints.save(mngr, step, state)
-
   # --- Train ---------------------------------------------------------------------------------
   logging.info('Training %s on %d device(s), %d host(s): steps %d..%d, batch %d (%s per device).',
                config.dataset.name, mesh.devices.size, jax.process_count(), step,
@@ -466,14 +462,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      results['eval_examples'])
         writer.write(step, results)
 
+      preempted = preemption.requested or mngr.reached_preemption(step)
       if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
-          or preemption.requested or mngr.reached_preemption(step)):
-        save_checkpoint()
-        if step < config.num_train_steps and (preemption.requested or
-                                              mngr.reached_preemption(step)):
-          logging.warning('Pre-empted: checkpoint saved at step %d; rerun the same command to '
-                          'resume.', step)
-          break
+          or preempted):
+        stop_if_diverged()  # never write a diverged state
+        checkpoints.save(mngr, step, state)
+      if preempted and step < config.num_train_steps:
+        logging.warning('Pre-empted: checkpoint saved at step %d; rerun the same command to resume.',
+                        step)
+        break
 
       if interval_steps == 0:  # evaluation and checkpointing time is not training time
         interval_start = time.perf_counter()
