@@ -61,8 +61,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
   for i, s in enumerate(steps):
     try:
       if target is not None:
-        stored = mngr.item_metadata(s)[ITEM].tree
-        check_fits(stored['params'], params_of(target), s, mngr.directory)
+        check_fits(mngr.item_metadata(s)[ITEM].tree, target, s, mngr.directory)
       if only is not None:
         restored = {ITEM: _restore_only(mngr, s, only)}
       else:
@@ -110,23 +109,22 @@ class CheckpointMismatchError(ValueError):
   pass
 
 
-def params_of(state):
-  return state.params if hasattr(state, 'params') else state['params']
-
-
-def check_fits(stored_params, params, step: int, directory) -> None:
-  """Refuses a checkpoint whose parameters are not this model's (names and shapes)."""
+def check_fits(stored, target, step: int, directory) -> None:
+  """Refuses a readable checkpoint whose arrays are not the target's (names and shapes), so that a
+  good checkpoint of another model or setting is never mistaken for an unreadable one."""
   shapes = lambda tree: {jax.tree_util.keystr(path, simple=True, separator='/'): tuple(x.shape)
                          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
-  stored, expected = shapes(stored_params), shapes(params)
+  stored, expected = shapes(stored), shapes(target)
   if stored != expected:
     differ = sorted(k for k in set(stored) | set(expected) if stored.get(k) != expected.get(k))
+    hint = ('; a PRNG key of another shape: was the run started with another JAX_DEFAULT_PRNG_IMPL '
+            '(make demo uses rbg)?' if 'rng' in differ else '')
     raise CheckpointMismatchError(
         f'The checkpoint at step {step} in {directory} does not fit this model: '
-        f'{len(differ)} parameter(s) differ in name or shape, e.g. '
+        f'{len(differ)} array(s) differ in name or shape, e.g. '
         + ', '.join(f'{k}: {stored.get(k)} stored, {expected.get(k)} expected' for k in differ[:3])
-        + '. Is this workdir another run\'s (a different variant, width or num_classes)? Use a new '
-        '--workdir, or the config the run was started with.')
+        + hint + '. Is this workdir another run\'s (a different variant, width, num_classes or '
+        'ema_decay)? Use a new --workdir, or the config the run was started with.')
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -77,6 +77,11 @@ def test_end_to_end_on_digits(tmp_path, caplog):
   # Another model in the same workdir is refused, naming the mismatch.
   with pytest.raises(ValueError, match='does not fit this model.*another run'):
     train.train_and_evaluate(tiny_config(**{'model.width': 0.25}), str(tmp_path))
+  # A state of another shape (EMA weights asked for, none saved) is refused too, never mistaken for
+  # an unreadable checkpoint and set aside.
+  with pytest.raises(ValueError, match='does not fit this model'):
+    train.train_and_evaluate(tiny_config(ema_decay=0.9), str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2', '4']
 
 
 def test_resume_extend_and_corrupt_checkpoint_end_bitwise_equal_to_one_run(tmp_path, caplog):
