@@ -209,8 +209,8 @@ class Progress:
       if state['top1'] is not None:
         parts.append(f'test top-1 {100 * state["top1"]:.1f}%')
       left = eta()
-      parts.append(f'{format_seconds(time.perf_counter() - self.start)} elapsed' +
-                   (f', ~{format_seconds(left)} left' if left is not None else ''))
+      parts.append(f'{train.format_seconds(time.perf_counter() - self.start)} elapsed' +
+                   (f', ~{train.format_seconds(left)} left' if left is not None else ''))
       return '  '.join(parts)
 
     stop = threading.Event()
@@ -231,12 +231,7 @@ class Progress:
       poll()
     self.durations.append(time.perf_counter() - state['start'])
     self._write(f'{label}: {num_steps} steps, final test top-1 {100 * (state["top1"] or 0):.1f}%, '
-                f'{format_seconds(self.durations[-1])}', final=True)
-
-
-def format_seconds(seconds: float) -> str:
-  seconds = int(round(seconds))
-  return f'{seconds // 60}:{seconds % 60:02d}'
+                f'{train.format_seconds(self.durations[-1])}', final=True)
 
 
 @contextlib.contextmanager
@@ -445,7 +440,7 @@ def settings_table(runs: Sequence[VariantRun]) -> str:
     lines.append(
         f'| {r.name} | {c.learning_rate:g} | {c.lr_decay_epochs:.3g} epochs | {c.weight_decay:g} '
         f'| {c.model.dropout_rate:g} | {"yes" if c.model.lrn else "no"} | {c.num_train_steps} | '
-        f'{format_seconds(r.wall_s)} | {r.img_per_s:.0f} |')
+        f'{train.format_seconds(r.wall_s)} | {r.img_per_s:.0f} |')
   return '\n'.join(lines)
 
 
@@ -515,13 +510,13 @@ def results_markdown(runs: dict[str, VariantRun], target: float, rows: Sequence[
       f'- Figure 1 MLP: {mlp.HIDDEN} sigmoid units, binarised 8 x 8 digits, {mlp.BATCH} examples '
       f'per step, {without_bn.steps[-1]} steps, plain SGD at {mlp.LEARNING_RATE:g}, initial '
       f'weights N(0, {mlp.INIT_STD:g}^2), unit {mlp.UNIT} of the last hidden layer; '
-      f'{format_seconds(mlp_wall_s)} for both networks.',
+      f'{train.format_seconds(mlp_wall_s)} for both networks.',
       '- Random numbers: JAX\'s `rbg` generator, which compiles faster on a CPU than the default '
       f'threefry. `python -m bn_inception.evaluate --workdir={output}/runs/<variant>` reads these '
       'checkpoints as they are; to train one further with `bn_inception.main`, set '
       '`JAX_DEFAULT_PRNG_IMPL=rbg`.',
-      f'- Wall time: {format_seconds(wall_s)} in all (compilation included; the variants\' times '
-      f'are in the table above).',
+      f'- Wall time: {train.format_seconds(wall_s)} in all (compilation included; the variants\' '
+      'times are in the table above).',
       f'- Versions: Python {platform.python_version()}, JAX {jax.__version__}, '
       f'Flax {flax.__version__}, NumPy {np.__version__}.',
       '',
@@ -576,6 +571,6 @@ def run_demo(output: str = 'demo_output', quick: bool = False, steps: Optional[i
   results = os.path.join(output, 'results.md')
   with open(results, 'w') as f:
     f.write(text)
-  progress.message(f'Done in {format_seconds(time.perf_counter() - start)}. Results, figures and '
-                   f'checkpoints: {os.path.abspath(output)}/ (results.md)')
+  progress.message(f'Done in {train.format_seconds(time.perf_counter() - start)}. Results, '
+                   f'figures and checkpoints: {os.path.abspath(output)}/ (results.md)')
   return {'target': target, 'rows': rows, 'ensemble': ensemble_rows, 'results': results}

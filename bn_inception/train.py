@@ -483,5 +483,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
+  """m:ss, or h:mm:ss from an hour on."""
+  seconds = int(round(seconds))
+  if seconds < 3600:
+    return f'{seconds // 60}:{seconds % 60:02d}'
   return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
