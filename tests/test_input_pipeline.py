@@ -7,13 +7,16 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
+from bn_inception import data_spec
 from bn_inception import input_pipeline
+from bn_inception import train
 from configs import default
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 
@@ -34,7 +37,7 @@ def _all_hosts(config, local_batch_size, process_count, **kwargs):
 
 
 def _check_exactly_once(hosts, expected_ids, local_batch_size):
-  num_batches = input_pipeline.num_eval_batches(len(expected_ids), local_batch_size, len(hosts))
+  num_batches = data_spec.num_eval_batches(len(expected_ids), local_batch_size, len(hosts))
   assert [len(batches) for batches in hosts] == [num_batches] * len(hosts)
   ids = [batch['id'][batch['mask']] for batches in hosts for batch in batches]
   ids = np.concatenate(ids).tolist()
@@ -60,21 +63,16 @@ def _ramp(height, width, x_scale=1, y_scale=1):
 # ---------------------------------------------------------------------------------------------------
 
 def test_num_crops():
-  assert [input_pipeline.num_crops(c) for c in ('center', '10', '144')] == [1, 10, 144]
+  assert [data_spec.num_crops(c) for c in ('center', '10', '144')] == [1, 10, 126]
   with pytest.raises(ValueError, match='144'):
-    input_pipeline.num_crops('12')
+    data_spec.num_crops('12')
 
 
-@pytest.mark.parametrize('height,width', [(300, 400), (400, 300), (250, 250)])
-def test_144_crops_are_googlenet_boxes(height, width):
-  boxes, mirrored = input_pipeline.crop_boxes(height, width, '144')
-  assert boxes.shape == (144, 4)
-  np.testing.assert_array_equal(mirrored, np.arange(144) >= 72)
-  np.testing.assert_allclose(boxes[72:], boxes[:72])
-  # GoogLeNet, literally: resize the shorter side to each scale; take the left, centre and right
-  # (top, centre, bottom) squares; from each, the 4 corner and the centre 224-crops and the whole
-  # square; express each box in pixels of the original image.
-  expected = []
+def _googlenet_144_crops(height, width):
+  """GoogLeNet's 144 crops, literally, as (boxes [144, 4] in pixels of the image, mirrored [144]):
+  resize the shorter side to each scale; take the left, centre and right (top, centre, bottom)
+  squares; from each, the 4 corner and the centre 224-crops and the whole square; mirror them all."""
+  boxes = []
   short, long = min(height, width), max(height, width)
   for scale in (256, 288, 320, 352):
     factor = scale / short
@@ -85,20 +83,72 @@ def test_144_crops_are_googlenet_boxes(height, width):
                 (0, 0, scale)]
       for y, x, side in inside:
         top, left = square[0] + y, square[1] + x
-        expected.append(np.array([top, left, top + side, left + side]) / factor)
-  np.testing.assert_allclose(boxes[:72], np.array(expected), atol=1e-9)
+        boxes.append(np.array([top, left, top + side, left + side]) / factor)
+  return np.concatenate([boxes, boxes]), np.arange(144) >= 72
+
+
+def _crop_counts(boxes, mirrored, counts):
+  """{(box rounded to 1e-6 pixel, mirrored): how many crops it stands for}."""
+  result = collections.Counter()
+  for box, flip, count in zip(boxes, mirrored, counts):
+    result[(*np.round(box, 6), bool(flip))] += int(round(count))
+  return result
+
+
+@pytest.mark.parametrize('height,width', [(300, 400), (400, 300), (250, 250)])
+def test_144_crops_are_googlenets_each_computed_once(height, width):
+  boxes, mirrored = data_spec.crop_boxes(height, width, '144')
+  weights = data_spec.crop_weights('144')
+  assert boxes.shape == (126, 4) and mirrored.shape == weights.shape == (126,)
+  assert weights.dtype == np.float32 and np.sum(weights) == pytest.approx(1, rel=1e-6)
+  # The computed crops, each counted for weight x 144 crops, are GoogLeNet's 144: the whole squares
+  # (the same box at every scale) count for 4, the others for 1.
+  expected = _googlenet_144_crops(height, width)
+  assert _crop_counts(boxes, mirrored, weights * 144) == _crop_counts(*expected, np.ones(144))
+  assert sorted(np.unique(np.round(weights * 144, 4))) == [1, 4]
   assert boxes.min() >= 0 and boxes[:, 2].max() <= height + 1e-9 and boxes[:, 3].max() <= width + 1e-9
 
 
+def test_144_crop_average_is_googlenets_average_over_144():
+  """train.predict with the weights of the 126 computed crops gives the mean over GoogLeNet's 144
+  crops (duplicates included) that the evaluation computed before, to float rounding."""
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  height, width, size = 60, 80, 16
+  pixels = np.random.default_rng(0).uniform(0, 255, (height, width, 3))
+  crops = tfds_pipeline.eval_image(_png(pixels), size, '144').numpy()
+  model = Pixels()
+  variables = model.init(jax.random.key(0), crops[:1])
+  weighted = train.predict(model, variables, crops[None], crop_weights=data_spec.crop_weights('144'))
+  # GoogLeNet's 144 crops, duplicates included: for each, the computed crop of the same box.
+  boxes, mirrored = data_spec.crop_boxes(height, width, '144')
+  expected_boxes, expected_mirrored = _googlenet_144_crops(height, width)
+  same = (np.abs(expected_boxes[:, None] - boxes[None]).max(axis=2) < 1e-9) & (
+      expected_mirrored[:, None] == mirrored[None])
+  assert (same.sum(axis=1) == 1).all()
+  all_144 = crops[same.argmax(axis=1)]
+  expected = np.mean(jax.nn.softmax(model.apply(variables, all_144)), axis=0)
+  assert np.ptp(jax.nn.softmax(model.apply(variables, crops)), axis=0).max() > 0.1  # crops differ
+  np.testing.assert_allclose(weighted[0], expected, rtol=1e-5, atol=1e-7)
+
+
+class Pixels(nn.Module):
+  """Logits from every pixel, large enough that different crops give different answers."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(10, kernel_init=nn.initializers.normal(0.1))(x.reshape(x.shape[0], -1))
+
+
 def test_10_crops_and_center_crop():
-  boxes, mirrored = input_pipeline.crop_boxes(300, 400, '10')
+  boxes, mirrored = data_spec.crop_boxes(300, 400, '10')
   side = 300 * 0.875
   corners = [(0, 0), (0, 400 - side), (300 - side, 0), (300 - side, 400 - side),
              ((300 - side) / 2, (400 - side) / 2)]
   expected = [(y, x, y + side, x + side) for y, x in corners]
   np.testing.assert_allclose(boxes, expected + expected)
   np.testing.assert_array_equal(mirrored, np.arange(10) >= 5)
-  boxes, mirrored = input_pipeline.crop_boxes(300, 400, 'center')
+  boxes, mirrored = data_spec.crop_boxes(300, 400, 'center')
   np.testing.assert_allclose(boxes, [expected[4]])
   assert not mirrored.any()
 
@@ -108,9 +158,9 @@ def test_eval_crops_sample_their_boxes_and_flips_flip(crops):
   from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
   height, width, size = 60, 80, 32
   image = tfds_pipeline.eval_image(_png(_ramp(height, width, 3, 4)), size, crops).numpy()
-  assert image.shape == (input_pipeline.num_crops(crops), size, size, 3)
+  assert image.shape == (data_spec.num_crops(crops), size, size, 3)
   pixels = (image + 1) * 127.5
-  boxes, mirrored = input_pipeline.crop_boxes(height, width, crops)
+  boxes, mirrored = data_spec.crop_boxes(height, width, crops)
   for crop, (top, left, bottom, right), flip in zip(pixels, boxes, mirrored):
     # Bilinear sampling of a ramp returns the coordinates sampled: the output pixels' centres.
     j = np.arange(size) + 0.5
@@ -279,7 +329,7 @@ def test_tiny_imagenet_counts_labels_and_shapes(tiny_imagenet):  # noqa: F811
                                                process_index=0, process_count=1))
     assert len(batches) == 3
     image = np.concatenate([b['image'] for b in batches])
-    assert image.shape == (15, input_pipeline.num_crops(crops), 32, 32, 3)
+    assert image.shape == (15, data_spec.num_crops(crops), 32, 32, 3)
     assert image.dtype == np.float32 and image.min() >= -1 and image.max() <= 1
   ids = np.concatenate([b['id'][b['mask']] for b in batches])
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
