@@ -8,8 +8,8 @@ Data sets (`config.dataset.name`), from the registry `DATASETS`:
   synthetic     random images and labels made on the device, for benchmarks and smoke runs
 
 TFDS data sets live in `tfds_pipeline.py`, which imports TensorFlow: this module imports it (and
-TFDS) only when such a data set is used. What every data set shares (DatasetInfo, the evaluation crops,
-the number of padded evaluation batches) is in `data_spec.py`, which both import.
+TFDS) only when such a data set is used. What every data set shares (DatasetInfo, the evaluation
+crops, the number of padded evaluation batches) is in `data_spec.py`, which both import.
 
 `train_batches` is an endless iterator over this host's part of each global batch, deterministic in
 (seed, start_step): a run resumed at step k sees exactly the batches k, k+1, ... of an uninterrupted

@@ -1,8 +1,12 @@
 """Input pipeline: crop geometry, exact evaluation, digits, synthetic, and TFDS's real imagenet2012
 builder on tiny archives in the ImageNet layout (tests/imagenet_fixture.py)."""
 
+import ast
 import collections
+import glob
+import graphlib
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -227,6 +231,27 @@ def test_train_colour_distortions():
   np.testing.assert_array_equal(image(3, 0.5), image(3, 0.5))  # stateless: same seed, same image
 
 
+def test_distortion_strength_scales_how_much_images_change():
+  """Modified BN-Inception distorts less (paper section 4.2.1, change 7): strength 0.5 changes the
+  pixels about half as much as 1.0 (measured: 0.098 and 0.185 mean |change| on [-1, 1], a ratio of
+  0.53 +- 0.04 over 64 seeds)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  y, x = np.mgrid[0:40, 0:40]
+  colourful = _png(np.stack([x * 5, y * 5, np.full_like(x, 100)], axis=-1))
+
+  def mean_change(strength):
+    # Against the same crop and flip undistorted: the seed fixes them whatever the strength.
+    def change(i):
+      seed = tf.stack([i, tf.constant(0, tf.int64)])
+      distorted = tfds_pipeline.train_image(colourful, seed, 16, strength)
+      return tf.reduce_mean(tf.abs(distorted - tfds_pipeline.train_image(colourful, seed, 16, 0.0)))
+    return np.mean(list(tf.data.Dataset.range(64).map(change).as_numpy_iterator()))
+
+  ratio = mean_change(0.5) / mean_change(1.0)
+  assert 0.35 < ratio < 0.7, ratio
+
+
 # ---------------------------------------------------------------------------------------------------
 # digits and synthetic (no TensorFlow)
 # ---------------------------------------------------------------------------------------------------
@@ -316,6 +341,25 @@ def test_tensorflow_is_imported_only_for_tfds():
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env, timeout=120)
 
 
+def test_no_module_imports_one_that_imports_it():
+  """No import cycles in bn_inception, counting imports inside functions (the pipeline's lazy
+  import of tfds_pipeline included)."""
+  graph = {}
+  for path in glob.glob(os.path.join(REPO, 'bn_inception', '*.py')):
+    imported = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module == 'bn_inception':
+        imported.update(alias.name for alias in node.names)
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('bn_inception.'):
+        imported.add(node.module.split('.')[1])
+      elif isinstance(node, ast.Import):
+        imported.update(alias.name.split('.')[1] for alias in node.names
+                        if alias.name.startswith('bn_inception.'))
+    graph[os.path.basename(path)[:-3]] = imported
+  assert 'input_pipeline' in graph['evaluate'] and 'tfds_pipeline' in graph['input_pipeline']
+  tuple(graphlib.TopologicalSorter(graph).static_order())  # raises graphlib.CycleError
+
+
 # ---------------------------------------------------------------------------------------------------
 # TFDS: imagenet2012 from tiny archives in the real layout, prepared by TFDS's own builder
 # ---------------------------------------------------------------------------------------------------
@@ -365,6 +409,54 @@ def test_tiny_imagenet_training(tiny_imagenet, shuffle):  # noqa: F811
   other_seed = next(input_pipeline.train_batches(config, local_batch_size=5, seed=4,
                                                  process_index=0, process_count=1))
   assert not np.array_equal(other_seed['image'], run[0]['image'])
+
+
+def _stream(config, shuffle, seed, count):
+  """The first `count` records of the training stream as (file, index in the file) pairs, the
+  files' stored order read independently of the pipeline."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  instructions = tfds_pipeline._builder(config).info.splits['train'].file_instructions
+  stored = {}
+  for file in sorted({i.filename for i in instructions}):
+    for index, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
+      stored[record] = (os.path.basename(file), index)
+  records = tfds_pipeline._train_records(instructions, tfds_pipeline.SHUFFLE[shuffle],
+                                         tf.constant([seed, 0], tf.int64), 0)
+  return [stored[record] for record in records.take(count).as_numpy_iterator()]
+
+
+def _batch_mates(epoch, batch_size=5):
+  """The pairs of examples that share a mini-batch."""
+  return {frozenset(pair) for start in range(0, len(epoch), batch_size)
+          for pair in itertools.combinations(epoch[start:start + batch_size], 2)}
+
+
+def test_light_shuffling_keeps_files_in_stored_order_thorough_mixes_them(tiny_imagenet):  # noqa: F811
+  """Paper section 4.2.1, change 6. Without within-shard shuffling (Inception, BN-Baseline) every
+  file is read in its stored order, the files in a new order every epoch, so the same examples
+  share mini-batches epoch after epoch; "within-shard shuffling" ('thorough') prevents that."""
+  n, epochs = 30, 4  # 3 files of 10
+  streams = {shuffle: _stream(tiny_imagenet.config, shuffle, seed=0, count=epochs * n)
+             for shuffle in ('light', 'thorough')}
+  kept_together = {}
+  for shuffle, stream in streams.items():
+    per_epoch = [stream[i:i + n] for i in range(0, epochs * n, n)]
+    for epoch in per_epoch:
+      assert sorted(epoch) == sorted(per_epoch[0]) and len(set(epoch)) == n  # every example once
+    # Of the pairs that share a batch of 5 in one epoch, how many do in the next (of 4 x 10 each).
+    kept_together[shuffle] = np.mean([len(_batch_mates(a) & _batch_mates(b)) / len(_batch_mates(a))
+                                      for a, b in zip(per_epoch, per_epoch[1:])])
+    if shuffle == 'light':
+      file_orders = set()
+      for epoch in per_epoch:
+        files = [file for file, _ in itertools.groupby(epoch, key=lambda example: example[0])]
+        assert len(files) == len(set(files)) == 3  # each file read in one go ...
+        assert epoch == sorted(epoch, key=lambda example: files.index(example[0]))  # ... in order
+        file_orders.add(tuple(files))
+      assert len(file_orders) > 1  # a new order of the files
+  # Light: files of 10 fill whole batches of 5, so every pair stays; thorough: about 4/29 do.
+  assert kept_together['light'] > 0.9 and kept_together['thorough'] < 0.3, kept_together
 
 
 def test_tiny_imagenet_training_hosts_split_the_data(tiny_imagenet):  # noqa: F811
