@@ -7,9 +7,9 @@ Data sets (`config.dataset.name`), from the registry `DATASETS`:
   digits        scikit-learn's bundled 8 x 8 handwritten digits, upscaled; numpy, no TensorFlow
   synthetic     random images and labels made on the device, for benchmarks and smoke runs
 
-TFDS data sets live in `tfds_pipeline.py`, which imports TensorFlow: this module imports it (and
-TFDS) only when such a data set is used. What every data set shares (DatasetInfo, the evaluation
-crops, the number of padded evaluation batches) is in `data_spec.py`, which both import.
+TFDS data sets live in `tfds_pipeline.py`, the only module that imports TensorFlow, and only when
+such a data set is used. What every data set shares (DatasetInfo, the evaluation crops, the number
+of padded evaluation batches) is in `data_spec.py`, which both import.
 
 `train_batches` is an endless iterator over this host's part of each global batch, deterministic in
 (seed, start_step): a run resumed at step k sees exactly the batches k, k+1, ... of an uninterrupted
@@ -158,12 +158,10 @@ class Source(NamedTuple):
 
 def _from_tfds(function_name):
   def call(config, **kwargs):
-    # pylint: disable=g-import-not-at-top  # TensorFlow, only for TFDS data sets
-    import tensorflow_datasets as tfds
-    from bn_inception import tfds_pipeline
+    from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
     try:
       return getattr(tfds_pipeline, function_name)(config, **kwargs)
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds_pipeline.DatasetNotFoundError:
       raise ValueError(unknown_dataset_message(config.name)) from None
   return call
 

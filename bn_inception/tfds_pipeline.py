@@ -1,6 +1,6 @@
 """TFDS data sets for the input pipeline: reading, Inception-style preprocessing, multi-crop.
 
-The module that imports TensorFlow; `input_pipeline` imports it when a TFDS data set is used.
+The only module that imports TensorFlow; `input_pipeline` imports it when a TFDS data set is used.
 Call it through `input_pipeline`, which defines the interface (what both share is in `data_spec`).
 
 Training reads the TFRecord files TFDS prepared, in an order that depends only on (seed, epoch), so
@@ -30,6 +30,8 @@ except RuntimeError:
   pass
 
 AUTOTUNE = tf.data.AUTOTUNE
+# What TFDS raises for a name it does not know; input_pipeline answers it with the valid names.
+DatasetNotFoundError = tfds.core.registered.DatasetNotFoundError
 
 
 class Shuffle(NamedTuple):
@@ -73,7 +75,7 @@ MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
 
 def _builder(config) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; prepares it first (once) when needed."""
-  builder = tfds.builder(config.name, data_dir=config.data_dir)  # input_pipeline names unknown ones
+  builder = tfds.builder(config.name, data_dir=config.data_dir)  # or DatasetNotFoundError
   if builder.is_prepared():
     return builder
   if config.name == 'imagenet2012':
