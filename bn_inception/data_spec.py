@@ -62,20 +62,20 @@ def crop_geometry(crops: str) -> CropGeometry:
   margin = 1 - CENTER_FRACTION
   five = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))  # corners and centre, as (y, x) fractions
   if crops == 'center':
-    boxes = [_crop(0.5, 0.5, margin / 2, margin / 2, CENTER_FRACTION)]
+    weighted = [(_crop(0.5, 0.5, margin / 2, margin / 2, CENTER_FRACTION), 1)]
   elif crops == '10':
-    boxes = [_crop(y, x, y * margin, x * margin, CENTER_FRACTION) for y, x in five]
+    weighted = [(_crop(y, x, y * margin, x * margin, CENTER_FRACTION), 1) for y, x in five]
   else:
-    boxes, counts = [], []
+    weighted = []
     for square in (0, 0.5, 1):
-      boxes.append(_crop(square, square, 0, 0, 1))  # the whole square, at every scale
-      counts.append(len(MULTI_CROP_SCALES))
+      # The whole square is the same box at every scale: computed once, it counts once per scale.
+      weighted.append((_crop(square, square, 0, 0, 1), len(MULTI_CROP_SCALES)))
       for scale in MULTI_CROP_SCALES:
         side = 224 / scale
-        boxes += [_crop(square, square, y * (1 - side), x * (1 - side), side) for y, x in five]
-        counts += [1] * len(five)
-  matrices = np.array(boxes, np.float64)
-  counts = np.array(counts if crops == '144' else [1] * len(boxes), np.float64)
+        weighted += [(_crop(square, square, y * (1 - side), x * (1 - side), side), 1)
+                     for y, x in five]
+  boxes, counts = zip(*weighted)
+  matrices, counts = np.array(boxes, np.float64), np.array(counts, np.float64)
   mirrored = np.zeros(len(boxes), bool)
   if crops != 'center':
     matrices, counts = np.concatenate([matrices, matrices]), np.concatenate([counts, counts])
