@@ -113,6 +113,15 @@ def test_144_crops_are_googlenets_each_computed_once(height, width):
   assert boxes.min() >= 0 and boxes[:, 2].max() <= height + 1e-9 and boxes[:, 3].max() <= width + 1e-9
 
 
+class Pixels(nn.Module):
+  """Logits from every pixel, large enough that different crops give different answers."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(10, kernel_init=nn.initializers.normal(0.1))(x.reshape(x.shape[0], -1))
+
+
 def test_144_crop_average_is_googlenets_average_over_144():
   """train.predict with the weights of the 126 computed crops gives the mean over GoogLeNet's 144
   crops (duplicates included) that the evaluation computed before, to float rounding."""
@@ -133,15 +142,6 @@ def test_144_crop_average_is_googlenets_average_over_144():
   expected = np.mean(jax.nn.softmax(model.apply(variables, all_144)), axis=0)
   assert np.ptp(jax.nn.softmax(model.apply(variables, crops)), axis=0).max() > 0.1  # crops differ
   np.testing.assert_allclose(weighted[0], expected, rtol=1e-5, atol=1e-7)
-
-
-class Pixels(nn.Module):
-  """Logits from every pixel, large enough that different crops give different answers."""
-
-  @nn.compact
-  def __call__(self, x, train=False):
-    del train
-    return nn.Dense(10, kernel_init=nn.initializers.normal(0.1))(x.reshape(x.shape[0], -1))
 
 
 def test_10_crops_and_center_crop():
@@ -444,7 +444,7 @@ def test_light_shuffling_keeps_files_in_stored_order_thorough_mixes_them(tiny_im
     per_epoch = [stream[i:i + n] for i in range(0, epochs * n, n)]
     for epoch in per_epoch:
       assert sorted(epoch) == sorted(per_epoch[0]) and len(set(epoch)) == n  # every example once
-    # Of the pairs that share a batch of 5 in one epoch, how many do in the next (of 4 x 10 each).
+    # Of the 60 pairs that share a batch of 5 in one epoch, the share that do in the next.
     kept_together[shuffle] = np.mean([len(_batch_mates(a) & _batch_mates(b)) / len(_batch_mates(a))
                                       for a, b in zip(per_epoch, per_epoch[1:])])
     if shuffle == 'light':
@@ -452,7 +452,8 @@ def test_light_shuffling_keeps_files_in_stored_order_thorough_mixes_them(tiny_im
       for epoch in per_epoch:
         files = [file for file, _ in itertools.groupby(epoch, key=lambda example: example[0])]
         assert len(files) == len(set(files)) == 3  # each file read in one go ...
-        assert epoch == sorted(epoch, key=lambda example: files.index(example[0]))  # ... in order
+        in_order = sorted(epoch, key=lambda example: (files.index(example[0]), example[1]))
+        assert epoch == in_order  # ... in its stored order
         file_orders.add(tuple(files))
       assert len(file_orders) > 1  # a new order of the files
   # Light: files of 10 fill whole batches of 5, so every pair stays; thorough: about 4/29 do.
