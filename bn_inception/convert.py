@@ -17,7 +17,6 @@ Run from the repository root: the written config is built from `configs/default.
 """
 
 import importlib.util
-import json
 import os
 from typing import Any, Mapping
 
@@ -28,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
+from bn_inception import checkpoints
 from bn_inception import models
 from configs import default
 
@@ -173,19 +172,19 @@ def load_torch_checkpoint(path: str) -> dict[str, Any]:
 
 
 def save(workdir: str, config: ml_collections.ConfigDict, variables) -> None:
-  """Writes `variables` as the step-0 checkpoint of `workdir/checkpoints`, and `config.json`."""
-  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                                  item_names=('state',))
-  if manager.all_steps():
-    raise FileExistsError(f'{workdir} already holds checkpoints {manager.all_steps()}; '
-                          'convert into a new workdir.')
-  state = {'step': np.asarray(0, np.int32), 'params': variables['params'],
-           'batch_stats': variables['batch_stats']}
-  manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config.to_dict(), f, indent=2)
+  """Writes `variables` as the step-0 checkpoint of `workdir` and its `config.json`, as training
+  writes them (bn_inception.checkpoints)."""
+  mngr = checkpoints.manager(workdir)
+  try:
+    if mngr.all_steps():
+      raise FileExistsError(f'{workdir} already holds checkpoints {mngr.all_steps()}; '
+                            'convert into a new workdir.')
+    checkpoints.save(mngr, 0, {'step': np.asarray(0, np.int32), 'params': variables['params'],
+                               'batch_stats': variables['batch_stats']})
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  checkpoints.write_config(workdir, config)
 
 
 def convert(torch_checkpoint: str, workdir: str) -> ml_collections.ConfigDict:

@@ -26,6 +26,7 @@ import numpy as np
 
 from bn_inception import checkpoints
 from bn_inception import cli
+from bn_inception import data_spec
 from bn_inception import input_pipeline
 from bn_inception import models
 from bn_inception import predictions
@@ -64,19 +65,20 @@ def restore_variables(workdir: str, step: Optional[int] = None,
 
 def predict_batches(model, variables, local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
                     convention: Optional[train.InputConvention] = None,
+                    crop_weights: Optional[np.ndarray] = None,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(probs, labels, ids) of every real example of the eval batches, on every host.
 
   `local_batches` are this host's eval batches (input_pipeline.eval_batches): images
-  [B, crops, H, W, 3], label, mask, id. Probabilities are the softmax averaged over the crops
-  (train.predict). Rows come in the pipeline's order (host by host on several hosts); the padding
-  is dropped.
+  [B, crops, H, W, 3], label, mask, id. Probabilities are the softmax averaged over the crops with
+  `crop_weights` (train.predict). Rows come in the pipeline's order (host by host on several
+  hosts); the padding is dropped.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
   probs, labels, masks, ids = [], [], [], []
   for batch, local in train.global_batches(local_batches, mesh, ('image',)):
-    out = _predict(model, variables, batch['image'], convention)
+    out = _predict(model, variables, batch['image'], convention, crop_weights)
     # This host's rows, in the order of its local batch (ids stay on the host: they may be text).
     probs.append(np.asarray(multihost_utils.global_array_to_host_local_array(
         out, mesh, jax.sharding.PartitionSpec('data'))))
@@ -106,7 +108,7 @@ def default_batch_size(config: ml_collections.ConfigDict, crops: str,
   """Images per step: about config.eval_batch_size crops (so 144 crops fit where 1 does), a
   multiple of the device count."""
   devices = mesh.devices.size
-  images = (config.eval_batch_size or config.batch_size) // input_pipeline.num_crops(crops)
+  images = (config.eval_batch_size or config.batch_size) // data_spec.num_crops(crops)
   return max(devices, images // devices * devices)
 
 
@@ -132,7 +134,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   batches = input_pipeline.eval_batches(
       config.dataset, local_batch_size=batch_size // jax.process_count(), crops=crops)
   probs, labels, ids = predict_batches(models.from_config(config.model), variables, batches, mesh,
-                                       train.input_convention(config))
+                                       train.input_convention(config),
+                                       data_spec.crop_weights(crops))
   if len(ids) != info.num_eval_examples or len(np.unique(ids)) != len(ids):
     logging.warning('Evaluated %d examples (%d distinct ids); %s has %d.', len(ids),
                     len(np.unique(ids)), config.dataset.name, info.num_eval_examples)

@@ -8,8 +8,8 @@ Data sets (`config.dataset.name`), from the registry `DATASETS`:
   synthetic     random images and labels made on the device, for benchmarks and smoke runs
 
 TFDS data sets live in `tfds_pipeline.py`, the only module that imports TensorFlow, and only when
-such a data set is used. This module holds the interface and what all data sets share: the crop
-geometry and the arithmetic of exact evaluation.
+such a data set is used. What every data set shares (DatasetInfo, the evaluation crops, the number
+of padded evaluation batches) is in `data_spec.py`, which both import.
 
 `train_batches` is an endless iterator over this host's part of each global batch, deterministic in
 (seed, start_step): a run resumed at step k sees exactly the batches k, k+1, ... of an uninterrupted
@@ -24,91 +24,12 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import numpy as np
 
-
-class DatasetInfo(NamedTuple):
-  num_classes: int
-  num_train_examples: int
-  num_eval_examples: int
+from bn_inception import data_spec
 
 
 # ---------------------------------------------------------------------------------------------------
-# Crop geometry
+# Exact evaluation of the numpy data sets: each host's examples, padded
 # ---------------------------------------------------------------------------------------------------
-
-# GoogLeNet's multi-crop scales (shorter side) for 224-pixel crops. Other image sizes scale them with
-# the crop, so every crop covers the same fraction of its square: 224/256 ... 224/352.
-MULTI_CROP_SCALES = (256, 288, 320, 352)
-CENTER_FRACTION = 224 / 256  # 0.875: the single centre crop and the 10 crops, of the shorter side
-NUM_CROPS = {'center': 1, '10': 10, '144': 144}
-
-
-def num_crops(crops: str) -> int:
-  if crops not in NUM_CROPS:
-    raise ValueError(f'Unknown eval crops {crops!r}; valid: {list(NUM_CROPS)}.')
-  return NUM_CROPS[crops]
-
-
-def _crop(vertical, horizontal, offset_y, offset_x, side):
-  """Rows of the crop matrix for one box (see `crop_geometry`)."""
-  top = (vertical, 0, offset_y)
-  left = (0, horizontal, offset_x)
-  return (top, left, (vertical, 0, offset_y + side), (0, horizontal, offset_x + side))
-
-
-@functools.cache
-def crop_geometry(crops: str) -> tuple[np.ndarray, np.ndarray]:
-  """The evaluation crops as linear maps of the image size, and which of them are mirrored.
-
-  Returns (matrices [n, 4, 3], mirrored [n] bool): crop i is the box
-  (top, left, bottom, right) = matrices[i] @ (height - short, width - short, short) in pixels of the
-  original image, short = min(height, width). One of the first two entries is always 0, so the same
-  matrix gives the left/centre/right squares of a landscape image and the top/centre/bottom squares
-  of a portrait one. Boxes do not depend on the output size: the scales grow with it.
-
-  'center': the centred square of 0.875 x the shorter side (resize to 256, crop 224).
-  '10': the 4 corners and the centre of 0.875 x the shorter side, and their mirror images.
-  '144': GoogLeNet's protocol. 4 scales x 3 squares x (4 corners + centre of 224/scale of the square
-    + the whole square) x mirror. The whole square is the same box at every scale, as in the paper.
-  """
-  margin = 1 - CENTER_FRACTION
-  five = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))  # corners and centre, as (y, x) fractions
-  if crops == 'center':
-    boxes = [_crop(0.5, 0.5, margin / 2, margin / 2, CENTER_FRACTION)]
-  elif crops == '10':
-    boxes = [_crop(y, x, y * margin, x * margin, CENTER_FRACTION) for y, x in five]
-  elif crops == '144':
-    boxes = []
-    for scale in MULTI_CROP_SCALES:
-      side = 224 / scale
-      for square in (0, 0.5, 1):
-        boxes += [_crop(square, square, y * (1 - side), x * (1 - side), side) for y, x in five]
-        boxes.append(_crop(square, square, 0, 0, 1))
-  else:
-    num_crops(crops)  # raises
-  matrices = np.array(boxes, np.float64)
-  mirrored = np.zeros(len(boxes), bool)
-  if crops != 'center':
-    matrices = np.concatenate([matrices, matrices])
-    mirrored = np.concatenate([mirrored, ~mirrored])
-  return matrices, mirrored
-
-
-def crop_boxes(height: float, width: float, crops: str) -> tuple[np.ndarray, np.ndarray]:
-  """The evaluation crops of a height x width image: boxes [n, 4] (top, left, bottom, right) in
-  pixel edges of the original image, and mirrored [n]."""
-  matrices, mirrored = crop_geometry(crops)
-  short = min(height, width)
-  return matrices @ np.array([height - short, width - short, short], np.float64), mirrored
-
-
-# ---------------------------------------------------------------------------------------------------
-# Exact evaluation: padding and masks
-# ---------------------------------------------------------------------------------------------------
-
-def num_eval_batches(num_examples: int, local_batch_size: int, process_count: int) -> int:
-  """Batches every host yields: enough for the host with the most examples."""
-  return -(-num_examples // (local_batch_size * process_count))
-
 
 def host_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """This host's examples [start, stop) of an evaluation split; the first hosts take one more."""
@@ -120,7 +41,7 @@ def host_range(num_examples: int, process_index: int, process_count: int) -> tup
 def _padded_host_batches(num_examples, local_batch_size, process_index, process_count):
   """Yields (example indices [b], mask [b]) of this host's evaluation batches; padding has index 0."""
   start, stop = host_range(num_examples, process_index, process_count)
-  batches = num_eval_batches(num_examples, local_batch_size, process_count)
+  batches = data_spec.num_eval_batches(num_examples, local_batch_size, process_count)
   indices = np.arange(batches * local_batch_size).reshape(batches, local_batch_size) + start
   for batch in indices:
     mask = batch < stop
@@ -153,7 +74,7 @@ def _digits(image_size: int):
 
 def _digits_info(config):
   del config
-  return DatasetInfo(10, 1797 - DIGITS_NUM_TEST, DIGITS_NUM_TEST)
+  return data_spec.DatasetInfo(10, 1797 - DIGITS_NUM_TEST, DIGITS_NUM_TEST)
 
 
 def _digits_train(config, *, local_batch_size, seed, start_step, process_index, process_count):
@@ -193,7 +114,8 @@ def _digits_eval(config, *, local_batch_size, crops, process_index, process_coun
 # synthetic: random tensors on the device, ImageNet-sized, for benchmarks and smoke runs
 # ---------------------------------------------------------------------------------------------------
 
-SYNTHETIC_INFO = DatasetInfo(num_classes=1000, num_train_examples=1_281_167, num_eval_examples=1000)
+SYNTHETIC_INFO = data_spec.DatasetInfo(num_classes=1000, num_train_examples=1_281_167,
+                                       num_eval_examples=1000)
 
 
 def _synthetic_batch(key, batch_shape, image_size):
@@ -218,7 +140,8 @@ def _synthetic_eval(config, *, local_batch_size, crops, process_index, process_c
   for indices, mask in _padded_host_batches(SYNTHETIC_INFO.num_eval_examples, local_batch_size,
                                             process_index, process_count):
     image, label = _synthetic_batch(jax.random.fold_in(key, indices[0]),
-                                    (local_batch_size, num_crops(crops)), config.image_size)
+                                    (local_batch_size, data_spec.num_crops(crops)),
+                                    config.image_size)
     yield {'image': image, 'label': label, 'mask': mask, 'id': np.where(mask, indices, -1)}
 
 
@@ -228,15 +151,18 @@ def _synthetic_eval(config, *, local_batch_size, crops, process_index, process_c
 
 class Source(NamedTuple):
   """A data set: functions of (config.dataset, keyword arguments) as in the interface below."""
-  info: Callable[..., DatasetInfo]
+  info: Callable[..., data_spec.DatasetInfo]
   train: Callable[..., Iterator[dict]]
   eval: Callable[..., Iterator[dict]]
 
 
 def _from_tfds(function_name):
-  def call(*args, **kwargs):
+  def call(config, **kwargs):
     from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
-    return getattr(tfds_pipeline, function_name)(*args, **kwargs)
+    try:
+      return getattr(tfds_pipeline, function_name)(config, **kwargs)
+    except tfds_pipeline.DatasetNotFoundError:
+      raise ValueError(unknown_dataset_message(config.name)) from None
   return call
 
 
@@ -267,7 +193,7 @@ def _processes(process_index, process_count):
   return process_index, process_count
 
 
-def get_info(dataset_config) -> DatasetInfo:
+def get_info(dataset_config) -> data_spec.DatasetInfo:
   """Number of classes and examples of the configured data set (prepares a TFDS one if needed)."""
   return _source(dataset_config).info(dataset_config)
 
@@ -293,12 +219,14 @@ def eval_batches(dataset_config, *, local_batch_size: int, crops: str | None = N
                  process_count: int | None = None) -> Iterator[dict]:
   """This host's evaluation batches: all hosts together cover the split exactly once.
 
-  Every host yields num_eval_batches(N, local_batch_size, process_count) batches. Items:
+  Every host yields data_spec.num_eval_batches(N, local_batch_size, process_count) batches. Items:
   {'image': float32 [local_batch_size, num_crops, S, S, 3] in [-1, 1], 'label': int32 [b],
    'mask': bool [b] (False on padding), 'id': [b] example ids (TFDS: str, digits/synthetic: int)}.
+  The crops are data_spec.crop_geometry(crops)'s, each computed once: average their predictions
+  with data_spec.crop_weights(crops) (144 crops are 126 distinct ones, weighted).
   """
   crops = crops or dataset_config.eval_crops
-  num_crops(crops)  # validates
+  data_spec.num_crops(crops)  # validates
   process_index, process_count = _processes(process_index, process_count)
   return _source(dataset_config).eval(
       dataset_config, local_batch_size=local_batch_size, crops=crops,

@@ -1,14 +1,15 @@
 """TFDS data sets for the input pipeline: reading, Inception-style preprocessing, multi-crop.
 
 The only module that imports TensorFlow; `input_pipeline` imports it when a TFDS data set is used.
-Call it through `input_pipeline`, which defines the interface.
+Call it through `input_pipeline`, which defines the interface (what both share is in `data_spec`).
 
 Training reads the TFRecord files TFDS prepared, in an order that depends only on (seed, epoch), so
 that a resumed run skips straight to its position without decoding anything: every epoch shuffles
-the host's files, reads them in chunks of `files` files interleaved example by example, shuffles
-each chunk through a buffer seeded per chunk, and skips whole chunks (and then records) to reach the
-start. Random crops, flips and colour distortions are stateless random ops seeded by (seed, host,
-position in the host's stream), so parallel decoding does not change a single pixel.
+the host's files and reads them in chunks of `files` files interleaved example by example; with
+thorough shuffling each chunk also goes through a buffer seeded per chunk. Whole chunks (and then
+records) are skipped to reach the start. Random crops, flips and colour distortions are stateless
+random ops seeded by (seed, host, position in the host's stream), so parallel decoding does not
+change a single pixel.
 """
 
 import os
@@ -19,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bn_inception import input_pipeline
+from bn_inception import data_spec
 
 # JAX owns the accelerators: TensorFlow must not reserve their memory. (If TensorFlow has already
 # set up its devices, someone else decided; the call then raises and changes nothing.)
@@ -29,20 +30,24 @@ except RuntimeError:
   pass
 
 AUTOTUNE = tf.data.AUTOTUNE
+# What TFDS raises for a name it does not know; input_pipeline answers it with the valid names.
+DatasetNotFoundError = tfds.core.registered.DatasetNotFoundError
 
 
 class Shuffle(NamedTuple):
   """How thoroughly training shuffles (config.dataset.shuffle)."""
   files: int  # read together, interleaved example by example
-  buffer: int  # examples in the shuffle buffer
+  buffer: int  # examples in the shuffle buffer; 0: none, the examples come in their stored order
 
 
-# 'light': the original Inception recipe: files in random order, one at a time, a small buffer, so
-# examples that share a file also share mini-batches, every epoch. 'thorough' (paper section 4.2.1,
-# "within-shard shuffling"): 16 files interleaved and a buffer as large as most of them, so batches
-# mix examples from different files in a new combination every epoch. On ImageNet (1024 files of
-# ~1250 examples, ~110 kB each) the thorough buffer holds ~1.8 GB, twice while the next chunk fills.
-SHUFFLE = {'light': Shuffle(files=1, buffer=1_024), 'thorough': Shuffle(files=16, buffer=16_384)}
+# 'light' (Inception, BN-Baseline): no within-shard shuffling. Every epoch reads the host's files in
+# a new random order, one at a time, each in its stored order (TFDS's, fixed when it prepared the
+# data), so examples that are neighbours in a file share mini-batches in every epoch. No buffer.
+# 'thorough' (Modified BN-Inception, paper section 4.2.1, change 6: "within-shard shuffling"): 16
+# files interleaved example by example through a buffer as large as most of them, so batches mix
+# examples from different files in a new combination every epoch. On ImageNet (1024 files of ~1250
+# examples, ~110 kB each) that buffer holds ~1.8 GB, twice while the next chunk fills.
+SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 IMAGENET_MISSING = """\
@@ -70,10 +75,7 @@ MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
 
 def _builder(config) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder; prepares it first (once) when needed."""
-  try:
-    builder = tfds.builder(config.name, data_dir=config.data_dir)
-  except tfds.core.registered.DatasetNotFoundError:
-    raise ValueError(input_pipeline.unknown_dataset_message(config.name)) from None
+  builder = tfds.builder(config.name, data_dir=config.data_dir)  # or DatasetNotFoundError
   if builder.is_prepared():
     return builder
   if config.name == 'imagenet2012':
@@ -105,10 +107,10 @@ def _keys(builder):
   return image, label, (ids[0] if ids else None)
 
 
-def get_info(config) -> input_pipeline.DatasetInfo:
+def get_info(config) -> data_spec.DatasetInfo:
   builder = _builder(config)
   _, label, _ = _keys(builder)
-  return input_pipeline.DatasetInfo(
+  return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
       num_train_examples=builder.info.splits[config.train_split].num_examples,
       num_eval_examples=builder.info.splits[config.eval_split].num_examples)
@@ -146,7 +148,7 @@ def _decode_window(data, window_fn):
 def _center_window(shape):
   """The evaluation centre crop (crops='center') rounded to whole pixels."""
   height, width = shape[0], shape[1]
-  side = tf.cast(input_pipeline.CENTER_FRACTION * tf.cast(tf.minimum(height, width), tf.float32),
+  side = tf.cast(data_spec.CENTER_FRACTION * tf.cast(tf.minimum(height, width), tf.float32),
                  tf.int32)
   side = tf.maximum(side, 1)
   return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
@@ -203,11 +205,11 @@ def train_image(data, seed, image_size: int, distortion_strength: float):
 def eval_image(data, image_size: int, crops: str):
   """The evaluation crops of an encoded image: float32 [num_crops, S, S, 3] in [-1, 1].
 
-  Every crop is a box of `input_pipeline.crop_geometry` resampled bilinearly to S x S (sample points
+  Every crop is a box of `data_spec.crop_geometry` resampled bilinearly to S x S (sample points
   at the centres of the output pixels, clamped to the image), then mirrored if its flag says so.
   """
   image = tf.cast(tf.io.decode_image(data, channels=3, expand_animations=False), tf.float32)
-  matrices, mirrored = input_pipeline.crop_geometry(crops)
+  matrices, mirrored, _ = data_spec.crop_geometry(crops)
   # crop_geometry lists the mirrored crops after the others, in the same order: resample each box
   # once and mirror the copies.
   num_boxes = int(np.sum(~mirrored))
@@ -284,6 +286,30 @@ def _read(instructions):
           tf.constant([i.take for i in instructions], tf.int64))
 
 
+def _train_records(instructions, shuffle: Shuffle, seed, start: int) -> tf.data.Dataset:
+  """The host's endless stream of serialized training examples from position `start` on.
+
+  instructions: tfds FileInstructions of the host's share; seed: a stateless seed of the order.
+  """
+  filenames, skips, takes = _read(instructions)
+
+  def chunk_records(files, chunk_seed, skip):
+    records = tf.data.Dataset.from_tensor_slices(
+        (tf.gather(filenames, files), tf.gather(skips, files), tf.gather(takes, files)))
+    records = records.interleave(
+        lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take),
+        cycle_length=shuffle.files, block_length=1, num_parallel_calls=AUTOTUNE,
+        deterministic=True)
+    if shuffle.buffer:
+      records = records.shuffle(shuffle.buffer, seed=chunk_seed)
+    return records.skip(skip)
+
+  # cycle_length=1 reads the chunks in order, like flat_map, but opens the next chunk (and fills
+  # its shuffle buffer) in the background.
+  return _chunks([i.take for i in instructions], shuffle.files, seed, start).interleave(
+      chunk_records, cycle_length=1, num_parallel_calls=1, deterministic=True)
+
+
 def train_batches(config, *, local_batch_size, seed, start_step, process_index, process_count):
   builder = _builder(config)
   image_key, label_key, _ = _keys(builder)
@@ -296,25 +322,11 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
   instructions = builder.info.splits[host_split].file_instructions
   if not instructions:
     raise ValueError(f'{config.train_split} has fewer examples than there are hosts.')
-  filenames, skips, takes = _read(instructions)
   # Seeded by host too: hosts read different files, and draw different crops.
-  plan_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(
+  order_seed, example_seed = tf.unstack(tf.random.experimental.stateless_split(
       tf.constant([seed, process_index], tf.int64), 2))
   start = start_step * local_batch_size
-
-  def chunk_records(files, chunk_seed, skip):
-    records = tf.data.Dataset.from_tensor_slices(
-        (tf.gather(filenames, files), tf.gather(skips, files), tf.gather(takes, files)))
-    records = records.interleave(
-        lambda name, skip, take: tf.data.TFRecordDataset(name).skip(skip).take(take),
-        cycle_length=shuffle.files, block_length=1, num_parallel_calls=AUTOTUNE,
-        deterministic=True)
-    return records.shuffle(shuffle.buffer, seed=chunk_seed).skip(skip)
-
-  # cycle_length=1 reads the chunks in order, like flat_map, but fills the next chunk's shuffle
-  # buffer in the background.
-  records = _chunks([i.take for i in instructions], shuffle.files, plan_seed, start).interleave(
-      chunk_records, cycle_length=1, num_parallel_calls=1, deterministic=True)
+  records = _train_records(instructions, shuffle, order_seed, start)
   parse = _parser(builder, (image_key, label_key))
 
   def preprocess(position, record):
@@ -365,7 +377,7 @@ def _eval_dataset(config, local_batch_size, crops, process_index, process_count)
 
   ds = tf.data.Dataset.from_tensor_slices(_read(instructions)).flat_map(read)
   ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
-  num_batches = input_pipeline.num_eval_batches(num_examples, local_batch_size, process_count)
+  num_batches = data_spec.num_eval_batches(num_examples, local_batch_size, process_count)
   padding = {'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False, 'id': ''}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
       num_batches * local_batch_size - host_examples))

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from bn_inception import checkpoints
+from bn_inception import data_spec
 from bn_inception import input_pipeline
 from bn_inception import models
 
@@ -155,18 +156,23 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, weight_de
 
 
 def predict(model, variables, images: jax.Array,
-            convention: Optional[InputConvention] = None) -> jax.Array:
-  """Class probabilities [B, classes] for images [B, crops, H, W, 3], averaged over the crops."""
+            convention: Optional[InputConvention] = None,
+            crop_weights: Optional[jax.Array] = None) -> jax.Array:
+  """Class probabilities [B, classes] for images [B, crops, H, W, 3], averaged over the crops with
+  `crop_weights` [crops] (data_spec.crop_weights; None: equal weights)."""
   b, c = images.shape[:2]
   images = to_model_input(images.reshape((b * c,) + images.shape[2:]), convention)
-  logits = model.apply(variables, images, train=False)
-  return jax.nn.softmax(logits).reshape(b, c, -1).mean(axis=1)
+  probs = jax.nn.softmax(model.apply(variables, images, train=False)).reshape(b, c, -1)
+  if crop_weights is None:
+    crop_weights = jnp.full((c,), 1 / c)
+  return jnp.sum(probs * crop_weights[:, None], axis=1)  # not a matmul: no reduced precision
 
 
 def eval_step(variables, batch: dict, *, model,
-              convention: Optional[InputConvention] = None) -> dict:
+              convention: Optional[InputConvention] = None,
+              crop_weights: Optional[jax.Array] = None) -> dict:
   """Sums over the real (unmasked) examples of one batch: correct top-1/top-5, loss, count."""
-  probs = predict(model, variables, batch['image'], convention)
+  probs = predict(model, variables, batch['image'], convention, crop_weights)
   mask = batch['mask'].astype(jnp.float32)
   nll = -jnp.log(jnp.take_along_axis(probs, batch['label'][:, None], axis=1)[:, 0] + 1e-12)
   return {
@@ -294,8 +300,9 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
                         convention=convention),
       in_shardings=(replicated, None), out_shardings=(replicated, replicated),
       donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, convention=convention),
-                    out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(
+      eval_step, model=model, convention=convention,
+      crop_weights=data_spec.crop_weights(config.dataset.eval_crops)), out_shardings=replicated)
   return Program(model, state, train_fn, eval_fn)
 
 

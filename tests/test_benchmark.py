@@ -13,6 +13,7 @@ import pytest
 from bn_inception import benchmark
 from bn_inception import models
 from configs import bn_x30
+import optional_deps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(batch_size=8, image_size=32, width=0.125)
@@ -77,7 +78,7 @@ def test_input_mode():
 
 
 def test_torch_peer():
-  pytest.importorskip('torch')
+  optional_deps.load()
   config = tiny_config(width=1.0, like_port=True, batch_size=2)
   assert benchmark.same_as_port(config.model)
   result = benchmark.run_torch(config, steps=1, warmup_steps=0)
@@ -118,9 +119,11 @@ def test_mfu_arithmetic():
 @pytest.mark.parametrize('separable_stem, channels, paper_gmacs', [
     (False, 'paper', 2.03), (True, 'paper', 1.95), (False, 'slim', 2.02), (True, 'slim', 1.93)])
 def test_multiply_adds_match_paper_md(separable_stem, channels, paper_gmacs):
-  # paper.md section 1.5: multiply-adds at 224 x 224 counted from Figure 5's shapes.
+  # paper.md section 1.5 counts the multiply-adds at 224 x 224 by hand from Figure 5's shapes and
+  # prints them rounded to 0.01 G: our count must round to the same, which tells the 608- and
+  # 576-channel networks (0.01 G apart) and the two stems (0.08 G) apart.
   model = models.BNInception(separable_stem=separable_stem, channels=channels)
-  assert benchmark.count_macs(model, 224) / 1e9 == pytest.approx(paper_gmacs, rel=0.01)
+  assert benchmark.count_macs(model, 224) / 1e9 == pytest.approx(paper_gmacs, abs=0.005)
 
 
 HLO = '''

@@ -5,7 +5,6 @@ __init__ imports torchvision) gets random weights and random, non-trivial BN sta
 converted network must give its logits, from the same RGB pixels through each side's preprocessing.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -13,32 +12,22 @@ import sys
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
+from bn_inception import checkpoints
 from bn_inception import convert
+from bn_inception import evaluate
 from bn_inception import models
 from configs import finetune_caffe
+import optional_deps
 
 RTOL = 1e-4  # of the largest logit
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def import_torch():
-  return pytest.importorskip('torch', reason='no torch: pip install -e .[torch] (make test does)')
-
-
-def load_port_module():
-  import_torch()
-  try:
-    return convert.load_port_module()
-  except ModuleNotFoundError:
-    pytest.skip('pretrainedmodels is not installed (make test installs it, --no-deps)')
-
-
 def port_preprocess(rgb, settings):
   """Cadene's TransformImage after the crop: pixels at input_range, BGR, then (x - mean) / std."""
-  torch = import_torch()
+  torch = optional_deps.load()
   x = torch.from_numpy(rgb).permute(0, 3, 1, 2).float()  # NCHW, RGB, [0, 255]
   assert settings['input_space'] == 'BGR' and settings['input_range'] == [0, 255]
   x = x[:, [2, 1, 0]]
@@ -50,8 +39,8 @@ def port_preprocess(rgb, settings):
 @pytest.fixture(scope='module')
 def port():
   """The port with random weights and statistics, RGB test images and the port's logits."""
-  torch = import_torch()
-  module = load_port_module()
+  torch = optional_deps.load()
+  module = optional_deps.load(convert.load_port_module)
   settings = module.pretrained_settings['bninception']['imagenet']
   torch.manual_seed(0)
   net = module.BNInception(num_classes=1000)
@@ -103,21 +92,17 @@ def test_converted_logits_equal_the_ports(port):
 def test_command_writes_a_checkpoint_with_the_same_logits(port, tmp_path):
   net, _, rgb, port_logits = port
   pth = str(tmp_path / 'bn_inception.pth')
-  import_torch().save(net.state_dict(), pth)
+  optional_deps.load().save(net.state_dict(), pth)
   workdir = str(tmp_path / 'caffe')
   command = subprocess.run([sys.executable, '-m', 'bn_inception.convert',
                             f'--torch_checkpoint={pth}', f'--workdir={workdir}'],
                            cwd=REPO, capture_output=True, text=True)
   assert command.returncode == 0, command.stderr[-3000:]
 
-  # What an evaluation needs, from the workdir alone: config.json and the newest checkpoint.
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state',))
-  assert manager.latest_step() == 0
-  state = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-  manager.close()
-  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  # What an evaluation reads, from the workdir alone: config.json and the newest checkpoint.
+  config = checkpoints.read_config(workdir)
+  step, variables, _ = evaluate.restore_variables(workdir)
+  assert step == 0
   model = models.from_config(config.model)
   assert_logits_close(forward(model, variables, config.input, rgb), port_logits)
 

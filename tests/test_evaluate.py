@@ -169,7 +169,6 @@ def test_evaluate_checkpoint_asks_the_pipeline_for_the_crops(run, centre, monkey
       yield {**b, 'image': np.repeat(b['image'], 10, axis=1)}
 
   monkeypatch.setattr(input_pipeline, 'eval_batches', ten_copies)
-  monkeypatch.setattr(input_pipeline, 'num_crops', lambda crops: {'center': 1, '10': 10}[crops])
   p = evaluate.evaluate_checkpoint(config, workdir, crops='10')
   assert calls == [(8, '10')]  # 64 crops per step: 6 images, rounded to the 8 devices
   assert p.meta['crops'] == '10'

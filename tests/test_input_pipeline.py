@@ -1,19 +1,26 @@
 """Input pipeline: crop geometry, exact evaluation, digits, synthetic, and TFDS's real imagenet2012
 builder on tiny archives in the ImageNet layout (tests/imagenet_fixture.py)."""
 
+import ast
 import collections
+import glob
+import graphlib
 import io
+import itertools
 import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
 
+from bn_inception import data_spec
 from bn_inception import input_pipeline
+from bn_inception import train
 from configs import default
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 
@@ -34,7 +41,7 @@ def _all_hosts(config, local_batch_size, process_count, **kwargs):
 
 
 def _check_exactly_once(hosts, expected_ids, local_batch_size):
-  num_batches = input_pipeline.num_eval_batches(len(expected_ids), local_batch_size, len(hosts))
+  num_batches = data_spec.num_eval_batches(len(expected_ids), local_batch_size, len(hosts))
   assert [len(batches) for batches in hosts] == [num_batches] * len(hosts)
   ids = [batch['id'][batch['mask']] for batches in hosts for batch in batches]
   ids = np.concatenate(ids).tolist()
@@ -60,21 +67,16 @@ def _ramp(height, width, x_scale=1, y_scale=1):
 # ---------------------------------------------------------------------------------------------------
 
 def test_num_crops():
-  assert [input_pipeline.num_crops(c) for c in ('center', '10', '144')] == [1, 10, 144]
+  assert [data_spec.num_crops(c) for c in ('center', '10', '144')] == [1, 10, 126]
   with pytest.raises(ValueError, match='144'):
-    input_pipeline.num_crops('12')
+    data_spec.num_crops('12')
 
 
-@pytest.mark.parametrize('height,width', [(300, 400), (400, 300), (250, 250)])
-def test_144_crops_are_googlenet_boxes(height, width):
-  boxes, mirrored = input_pipeline.crop_boxes(height, width, '144')
-  assert boxes.shape == (144, 4)
-  np.testing.assert_array_equal(mirrored, np.arange(144) >= 72)
-  np.testing.assert_allclose(boxes[72:], boxes[:72])
-  # GoogLeNet, literally: resize the shorter side to each scale; take the left, centre and right
-  # (top, centre, bottom) squares; from each, the 4 corner and the centre 224-crops and the whole
-  # square; express each box in pixels of the original image.
-  expected = []
+def _googlenet_144_crops(height, width):
+  """GoogLeNet's 144 crops, literally, as (boxes [144, 4] in pixels of the image, mirrored [144]):
+  resize the shorter side to each scale; take the left, centre and right (top, centre, bottom)
+  squares; from each, the 4 corner and the centre 224-crops and the whole square; mirror them all."""
+  boxes = []
   short, long = min(height, width), max(height, width)
   for scale in (256, 288, 320, 352):
     factor = scale / short
@@ -85,20 +87,72 @@ def test_144_crops_are_googlenet_boxes(height, width):
                 (0, 0, scale)]
       for y, x, side in inside:
         top, left = square[0] + y, square[1] + x
-        expected.append(np.array([top, left, top + side, left + side]) / factor)
-  np.testing.assert_allclose(boxes[:72], np.array(expected), atol=1e-9)
+        boxes.append(np.array([top, left, top + side, left + side]) / factor)
+  return np.concatenate([boxes, boxes]), np.arange(144) >= 72
+
+
+def _crop_counts(boxes, mirrored, counts):
+  """{(box rounded to 1e-6 pixel, mirrored): how many crops it stands for}."""
+  result = collections.Counter()
+  for box, flip, count in zip(boxes, mirrored, counts):
+    result[(*np.round(box, 6), bool(flip))] += int(round(count))
+  return result
+
+
+@pytest.mark.parametrize('height,width', [(300, 400), (400, 300), (250, 250)])
+def test_144_crops_are_googlenets_each_computed_once(height, width):
+  boxes, mirrored = data_spec.crop_boxes(height, width, '144')
+  weights = data_spec.crop_weights('144')
+  assert boxes.shape == (126, 4) and mirrored.shape == weights.shape == (126,)
+  assert weights.dtype == np.float32 and np.sum(weights) == pytest.approx(1, rel=1e-6)
+  # The computed crops, each counted for weight x 144 crops, are GoogLeNet's 144: the whole squares
+  # (the same box at every scale) count for 4, the others for 1.
+  expected = _googlenet_144_crops(height, width)
+  assert _crop_counts(boxes, mirrored, weights * 144) == _crop_counts(*expected, np.ones(144))
+  assert sorted(np.unique(np.round(weights * 144, 4))) == [1, 4]
   assert boxes.min() >= 0 and boxes[:, 2].max() <= height + 1e-9 and boxes[:, 3].max() <= width + 1e-9
 
 
+class Pixels(nn.Module):
+  """Logits from every pixel, large enough that different crops give different answers."""
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(10, kernel_init=nn.initializers.normal(0.1))(x.reshape(x.shape[0], -1))
+
+
+def test_144_crop_average_is_googlenets_average_over_144():
+  """train.predict with the weights of the 126 computed crops gives the mean over GoogLeNet's 144
+  crops (duplicates included) that the evaluation computed before, to float rounding."""
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  height, width, size = 60, 80, 16
+  pixels = np.random.default_rng(0).uniform(0, 255, (height, width, 3))
+  crops = tfds_pipeline.eval_image(_png(pixels), size, '144').numpy()
+  model = Pixels()
+  variables = model.init(jax.random.key(0), crops[:1])
+  weighted = train.predict(model, variables, crops[None], crop_weights=data_spec.crop_weights('144'))
+  # GoogLeNet's 144 crops, duplicates included: for each, the computed crop of the same box.
+  boxes, mirrored = data_spec.crop_boxes(height, width, '144')
+  expected_boxes, expected_mirrored = _googlenet_144_crops(height, width)
+  same = (np.abs(expected_boxes[:, None] - boxes[None]).max(axis=2) < 1e-9) & (
+      expected_mirrored[:, None] == mirrored[None])
+  assert (same.sum(axis=1) == 1).all()
+  all_144 = crops[same.argmax(axis=1)]
+  expected = np.mean(jax.nn.softmax(model.apply(variables, all_144)), axis=0)
+  assert np.ptp(jax.nn.softmax(model.apply(variables, crops)), axis=0).max() > 0.1  # crops differ
+  np.testing.assert_allclose(weighted[0], expected, rtol=1e-5, atol=1e-7)
+
+
 def test_10_crops_and_center_crop():
-  boxes, mirrored = input_pipeline.crop_boxes(300, 400, '10')
+  boxes, mirrored = data_spec.crop_boxes(300, 400, '10')
   side = 300 * 0.875
   corners = [(0, 0), (0, 400 - side), (300 - side, 0), (300 - side, 400 - side),
              ((300 - side) / 2, (400 - side) / 2)]
   expected = [(y, x, y + side, x + side) for y, x in corners]
   np.testing.assert_allclose(boxes, expected + expected)
   np.testing.assert_array_equal(mirrored, np.arange(10) >= 5)
-  boxes, mirrored = input_pipeline.crop_boxes(300, 400, 'center')
+  boxes, mirrored = data_spec.crop_boxes(300, 400, 'center')
   np.testing.assert_allclose(boxes, [expected[4]])
   assert not mirrored.any()
 
@@ -108,9 +162,9 @@ def test_eval_crops_sample_their_boxes_and_flips_flip(crops):
   from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
   height, width, size = 60, 80, 32
   image = tfds_pipeline.eval_image(_png(_ramp(height, width, 3, 4)), size, crops).numpy()
-  assert image.shape == (input_pipeline.num_crops(crops), size, size, 3)
+  assert image.shape == (data_spec.num_crops(crops), size, size, 3)
   pixels = (image + 1) * 127.5
-  boxes, mirrored = input_pipeline.crop_boxes(height, width, crops)
+  boxes, mirrored = data_spec.crop_boxes(height, width, crops)
   for crop, (top, left, bottom, right), flip in zip(pixels, boxes, mirrored):
     # Bilinear sampling of a ramp returns the coordinates sampled: the output pixels' centres.
     j = np.arange(size) + 0.5
@@ -175,6 +229,27 @@ def test_train_colour_distortions():
   assert distorted.min() >= -1 and distorted.max() <= 1
   assert np.ptp(distorted, axis=0).max() > 0.1  # brightness and friends move the colour
   np.testing.assert_array_equal(image(3, 0.5), image(3, 0.5))  # stateless: same seed, same image
+
+
+def test_distortion_strength_scales_how_much_images_change():
+  """Modified BN-Inception distorts less (paper section 4.2.1, change 7): strength 0.5 changes the
+  pixels about half as much as 1.0 (measured: 0.098 and 0.185 mean |change| on [-1, 1], a ratio of
+  0.53 +- 0.04 over 64 seeds)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  y, x = np.mgrid[0:40, 0:40]
+  colourful = _png(np.stack([x * 5, y * 5, np.full_like(x, 100)], axis=-1))
+
+  def mean_change(strength):
+    # Against the same crop and flip undistorted: the seed fixes them whatever the strength.
+    def change(i):
+      seed = tf.stack([i, tf.constant(0, tf.int64)])
+      distorted = tfds_pipeline.train_image(colourful, seed, 16, strength)
+      return tf.reduce_mean(tf.abs(distorted - tfds_pipeline.train_image(colourful, seed, 16, 0.0)))
+    return np.mean(list(tf.data.Dataset.range(64).map(change).as_numpy_iterator()))
+
+  ratio = mean_change(0.5) / mean_change(1.0)
+  assert 0.35 < ratio < 0.7, ratio
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,6 +341,25 @@ def test_tensorflow_is_imported_only_for_tfds():
   subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env, timeout=120)
 
 
+def test_no_module_imports_one_that_imports_it():
+  """No import cycles in bn_inception, counting imports inside functions (the pipeline's lazy
+  import of tfds_pipeline included)."""
+  graph = {}
+  for path in glob.glob(os.path.join(REPO, 'bn_inception', '*.py')):
+    imported = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.ImportFrom) and node.module == 'bn_inception':
+        imported.update(alias.name for alias in node.names)
+      elif isinstance(node, ast.ImportFrom) and (node.module or '').startswith('bn_inception.'):
+        imported.add(node.module.split('.')[1])
+      elif isinstance(node, ast.Import):
+        imported.update(alias.name.split('.')[1] for alias in node.names
+                        if alias.name.startswith('bn_inception.'))
+    graph[os.path.basename(path)[:-3]] = imported
+  assert 'input_pipeline' in graph['evaluate'] and 'tfds_pipeline' in graph['input_pipeline']
+  tuple(graphlib.TopologicalSorter(graph).static_order())  # raises graphlib.CycleError
+
+
 # ---------------------------------------------------------------------------------------------------
 # TFDS: imagenet2012 from tiny archives in the real layout, prepared by TFDS's own builder
 # ---------------------------------------------------------------------------------------------------
@@ -279,7 +373,7 @@ def test_tiny_imagenet_counts_labels_and_shapes(tiny_imagenet):  # noqa: F811
                                                process_index=0, process_count=1))
     assert len(batches) == 3
     image = np.concatenate([b['image'] for b in batches])
-    assert image.shape == (15, input_pipeline.num_crops(crops), 32, 32, 3)
+    assert image.shape == (15, data_spec.num_crops(crops), 32, 32, 3)
     assert image.dtype == np.float32 and image.min() >= -1 and image.max() <= 1
   ids = np.concatenate([b['id'][b['mask']] for b in batches])
   labels = np.concatenate([b['label'][b['mask']] for b in batches])
@@ -315,6 +409,55 @@ def test_tiny_imagenet_training(tiny_imagenet, shuffle):  # noqa: F811
   other_seed = next(input_pipeline.train_batches(config, local_batch_size=5, seed=4,
                                                  process_index=0, process_count=1))
   assert not np.array_equal(other_seed['image'], run[0]['image'])
+
+
+def _stream(config, shuffle, seed, count):
+  """The first `count` records of the training stream as (file, index in the file) pairs, the
+  files' stored order read independently of the pipeline."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
+  instructions = tfds_pipeline._builder(config).info.splits['train'].file_instructions
+  stored = {}
+  for file in sorted({i.filename for i in instructions}):
+    for index, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
+      stored[record] = (os.path.basename(file), index)
+  records = tfds_pipeline._train_records(instructions, tfds_pipeline.SHUFFLE[shuffle],
+                                         tf.constant([seed, 0], tf.int64), 0)
+  return [stored[record] for record in records.take(count).as_numpy_iterator()]
+
+
+def _batch_mates(epoch, batch_size=5):
+  """The pairs of examples that share a mini-batch."""
+  return {frozenset(pair) for start in range(0, len(epoch), batch_size)
+          for pair in itertools.combinations(epoch[start:start + batch_size], 2)}
+
+
+def test_light_shuffling_keeps_files_in_stored_order_thorough_mixes_them(tiny_imagenet):  # noqa: F811
+  """Paper section 4.2.1, change 6. Without within-shard shuffling (Inception, BN-Baseline) every
+  file is read in its stored order, the files in a new order every epoch, so the same examples
+  share mini-batches epoch after epoch; "within-shard shuffling" ('thorough') prevents that."""
+  n, epochs = 30, 4  # 3 files of 10
+  streams = {shuffle: _stream(tiny_imagenet.config, shuffle, seed=0, count=epochs * n)
+             for shuffle in ('light', 'thorough')}
+  kept_together = {}
+  for shuffle, stream in streams.items():
+    per_epoch = [stream[i:i + n] for i in range(0, epochs * n, n)]
+    for epoch in per_epoch:
+      assert sorted(epoch) == sorted(per_epoch[0]) and len(set(epoch)) == n  # every example once
+    # Of the 60 pairs that share a batch of 5 in one epoch, the share that do in the next.
+    kept_together[shuffle] = np.mean([len(_batch_mates(a) & _batch_mates(b)) / len(_batch_mates(a))
+                                      for a, b in zip(per_epoch, per_epoch[1:])])
+    if shuffle == 'light':
+      file_orders = set()
+      for epoch in per_epoch:
+        files = [file for file, _ in itertools.groupby(epoch, key=lambda example: example[0])]
+        assert len(files) == len(set(files)) == 3  # each file read in one go ...
+        in_order = sorted(epoch, key=lambda example: (files.index(example[0]), example[1]))
+        assert epoch == in_order  # ... in its stored order
+        file_orders.add(tuple(files))
+      assert len(file_orders) > 1  # a new order of the files
+  # Light: files of 10 fill whole batches of 5, so every pair stays; thorough: about 4/29 do.
+  assert kept_together['light'] > 0.9 and kept_together['thorough'] < 0.3, kept_together
 
 
 def test_tiny_imagenet_training_hosts_split_the_data(tiny_imagenet):  # noqa: F811

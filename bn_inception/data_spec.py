@@ -1,0 +1,110 @@
+"""What every data source produces: its DatasetInfo, the evaluation crops, padded evaluation batches.
+
+Shared by `input_pipeline` (the interface and the numpy sources) and `tfds_pipeline` (TensorFlow),
+neither of which imports the other at import time. numpy only.
+"""
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+
+class DatasetInfo(NamedTuple):
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation crops
+# ---------------------------------------------------------------------------------------------------
+
+# GoogLeNet's multi-crop scales (shorter side) for 224-pixel crops. Other image sizes scale them with
+# the crop, so every crop covers the same fraction of its square: 224/256 ... 224/352.
+MULTI_CROP_SCALES = (256, 288, 320, 352)
+CENTER_FRACTION = 224 / 256  # 0.875: the single centre crop and the 10 crops, of the shorter side
+CROPS = ('center', '10', '144')
+
+
+class CropGeometry(NamedTuple):
+  """The distinct crops of an evaluation protocol (see `crop_geometry`)."""
+  matrices: np.ndarray  # [n, 4, 3]: box (top, left, bottom, right) = matrices[i] @ (h - s, w - s, s)
+  mirrored: np.ndarray  # [n] bool
+  weights: np.ndarray  # [n], sum 1: the share of the protocol's crops that are this one
+
+
+def _crop(vertical, horizontal, offset_y, offset_x, side):
+  """Rows of the crop matrix for one box (see `crop_geometry`)."""
+  top = (vertical, 0, offset_y)
+  left = (0, horizontal, offset_x)
+  return (top, left, (vertical, 0, offset_y + side), (0, horizontal, offset_x + side))
+
+
+@functools.cache
+def crop_geometry(crops: str) -> CropGeometry:
+  """The evaluation crops as linear maps of the image size, each computed once, with its weight.
+
+  Crop i is the box (top, left, bottom, right) = matrices[i] @ (height - short, width - short, short)
+  in pixels of the original image, short = min(height, width). One of the first two entries is always
+  0, so the same matrix gives the left/centre/right squares of a landscape image and the
+  top/centre/bottom squares of a portrait one. Boxes do not depend on the output size: the scales
+  grow with it. The mirrored crops come after the others, in the same order.
+
+  'center': the centred square of 0.875 x the shorter side (resize to 256, crop 224).
+  '10': the 4 corners and the centre of 0.875 x the shorter side, and their mirror images.
+  '144': GoogLeNet's protocol. 4 scales x 3 squares x (4 corners + centre of 224/scale of the square
+    + the whole square) x mirror. The whole square is the same box at every scale, so it is computed
+    once per square and mirror and weighs 4/144: 126 distinct crops stand for the 144.
+  """
+  if crops not in CROPS:
+    raise ValueError(f'Unknown eval crops {crops!r}; valid: {list(CROPS)}.')
+  margin = 1 - CENTER_FRACTION
+  five = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))  # corners and centre, as (y, x) fractions
+  if crops == 'center':
+    weighted = [(_crop(0.5, 0.5, margin / 2, margin / 2, CENTER_FRACTION), 1)]
+  elif crops == '10':
+    weighted = [(_crop(y, x, y * margin, x * margin, CENTER_FRACTION), 1) for y, x in five]
+  else:
+    weighted = []
+    for square in (0, 0.5, 1):
+      # The whole square is the same box at every scale: computed once, it counts once per scale.
+      weighted.append((_crop(square, square, 0, 0, 1), len(MULTI_CROP_SCALES)))
+      for scale in MULTI_CROP_SCALES:
+        side = 224 / scale
+        weighted += [(_crop(square, square, y * (1 - side), x * (1 - side), side), 1)
+                     for y, x in five]
+  boxes, counts = zip(*weighted)
+  matrices, counts = np.array(boxes, np.float64), np.array(counts, np.float64)
+  mirrored = np.zeros(len(boxes), bool)
+  if crops != 'center':
+    matrices, counts = np.concatenate([matrices, matrices]), np.concatenate([counts, counts])
+    mirrored = np.concatenate([mirrored, ~mirrored])
+  return CropGeometry(matrices, mirrored, counts / counts.sum())
+
+
+def num_crops(crops: str) -> int:
+  """Crops computed per image: 1, 10, or 126 for the 144 (see `crop_geometry`)."""
+  return len(crop_geometry(crops).weights)
+
+
+def crop_weights(crops: str) -> np.ndarray:
+  """float32 [num_crops]: each computed crop's weight in the average of the crops' predictions."""
+  return crop_geometry(crops).weights.astype(np.float32)
+
+
+def crop_boxes(height: float, width: float, crops: str) -> tuple[np.ndarray, np.ndarray]:
+  """The evaluation crops of a height x width image: boxes [n, 4] (top, left, bottom, right) in
+  pixel edges of the original image, and mirrored [n]."""
+  matrices, mirrored, _ = crop_geometry(crops)
+  short = min(height, width)
+  return matrices @ np.array([height - short, width - short, short], np.float64), mirrored
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact evaluation: padding and masks
+# ---------------------------------------------------------------------------------------------------
+
+def num_eval_batches(num_examples: int, local_batch_size: int, process_count: int) -> int:
+  """Batches every host yields: enough for the host with the most examples."""
+  return -(-num_examples // (local_batch_size * process_count))
