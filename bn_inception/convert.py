@@ -21,7 +21,6 @@ import json
 import os
 from typing import Any, Mapping
 
-from absl import app
 from absl import flags
 import flax
 import jax
@@ -30,6 +29,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bn_inception import cli
+from bn_inception import errors
 from bn_inception import models
 from configs import default
 
@@ -133,7 +134,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]):
     if arrays[key].shape != port_shape:
       misshaped.append(f'{key} {arrays[key].shape} (expected {port_shape})')
   if unknown or missing or misshaped:
-    raise ValueError(
+    raise errors.InputFileError(
         'This state dict is not the BN-Inception of pretrainedmodels (bninception.py):'
         + _listing('unknown keys', unknown) + _listing('missing keys', missing)
         + _listing('keys with the wrong shape', misshaped))
@@ -166,9 +167,18 @@ def _listing(kind: str, keys: list[str]) -> str:
 def load_torch_checkpoint(path: str) -> dict[str, Any]:
   """Reads a `.pth` state dict without running any code from it (weights_only)."""
   import torch  # the optional extra: pip install -e '.[torch]'
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  if not os.path.isfile(path):
+    raise errors.NotFoundError(f'{path}: no such file.')
+  try:
+    state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds on other files
+    raise errors.InputFileError(
+        f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) reads '
+        f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}). '
+        "Expected the port's state dict, e.g. bn_inception-52deb4733.pth "
+        '(README: Start from the Caffe-trained weights).') from e
   if not isinstance(state_dict, Mapping):
-    raise ValueError(f'{path} holds a {type(state_dict).__name__}, not a state dict.')
+    raise errors.InputFileError(f'{path} holds a {type(state_dict).__name__}, not a state dict.')
   return dict(state_dict)
 
 
@@ -190,7 +200,11 @@ def save(workdir: str, config: ml_collections.ConfigDict, variables) -> None:
 
 def convert(torch_checkpoint: str, workdir: str) -> ml_collections.ConfigDict:
   """The port's `.pth` -> an Orbax checkpoint and config.json in `workdir`; returns the config."""
-  model, variables = from_torch_state_dict(load_torch_checkpoint(torch_checkpoint))
+  state_dict = load_torch_checkpoint(torch_checkpoint)
+  try:
+    model, variables = from_torch_state_dict(state_dict)
+  except errors.InputFileError as e:
+    raise errors.InputFileError(f'{torch_checkpoint}: {e}') from e
   config = caffe_config(model.num_classes)
   save(workdir, config, variables)
   return config
@@ -209,4 +223,4 @@ if __name__ == '__main__':
                       "The port's state dict, e.g. bn_inception-52deb4733.pth.")
   flags.DEFINE_string('workdir', None, 'Where to write checkpoints/ and config.json.')
   flags.mark_flags_as_required(['torch_checkpoint', 'workdir'])
-  app.run(main)
+  cli.run(main)

@@ -31,6 +31,20 @@ class DatasetInfo(NamedTuple):
   num_eval_examples: int
 
 
+class Shuffle(NamedTuple):
+  """How thoroughly training shuffles TFDS data (config.dataset.shuffle; tfds_pipeline)."""
+  files: int  # read together, interleaved example by example
+  buffer: int  # examples in the shuffle buffer
+
+
+# 'light': the original Inception recipe: files in random order, one at a time, a small buffer, so
+# examples that share a file also share mini-batches, every epoch. 'thorough' (paper section 4.2.1,
+# "within-shard shuffling"): 16 files interleaved and a buffer as large as most of them, so batches
+# mix examples from different files in a new combination every epoch. On ImageNet (1024 files of
+# ~1250 examples, ~110 kB each) the thorough buffer holds ~1.8 GB, twice while the next chunk fills.
+SHUFFLE = {'light': Shuffle(files=1, buffer=1_024), 'thorough': Shuffle(files=16, buffer=16_384)}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Crop geometry
 # ---------------------------------------------------------------------------------------------------
