@@ -89,8 +89,8 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
     return s, restored[ITEM]
   if unreadable:
     raise UnreadableCheckpointsError(
-        f'None of the checkpoints in {mngr.directory} can be read: '
-        + '; '.join(f'step {s}: {_describe(e)}' for s, e in unreadable) + '.')
+        f'None of the checkpoints in {mngr.directory} can be read:\n'
+        + ''.join(f'  step {s}: {_describe(e)}\n' for s, e in unreadable))
   return None, None
 
 
@@ -121,7 +121,7 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
   except UnreadableCheckpointsError as e:
     if not start_over_if_unreadable:
       raise UnreadableCheckpointsError(
-          f'{e} Training stops rather than start again from step 0 (nothing was changed). '
+          f'{e}Training stops rather than start again from step 0 (nothing was changed). '
           'Restore the checkpoints (e.g. from a backup) and rerun' + start_over) from e
     set_aside_steps = [set_aside(mngr, s) for s in mngr.all_steps()]
     logging.warning('No checkpoint in %s can be read: set aside as %s; starting over from step 0.',
@@ -138,9 +138,12 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
 
 
 def _describe(error: Exception) -> str:
-  """An exception's type and the first line of its message (tensorstore adds pages of specs)."""
-  message = str(error).strip().splitlines()[0] if str(error).strip() else ''
-  return f'{type(error).__name__}: {message[:300]}'
+  """The type and first line of the exception an error comes from (Orbax wraps tensorstore's, whose
+  message names the file, in one that prints pages of its spec)."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
 class _LoopWaitingForItsTasks(asyncio.SelectorEventLoop):
