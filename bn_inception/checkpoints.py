@@ -126,7 +126,9 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
     set_aside_steps = [set_aside(mngr, s) for s in mngr.all_steps()]
     logging.warning('No checkpoint in %s can be read: set aside as %s; starting over from step 0.',
                     mngr.directory, set_aside_steps)
-    return None, None
+    step, state = None, None
+  finally:
+    mngr.close()
   earlier = sorted(glob.glob(os.path.join(checkpoint_dir(workdir), f'*{UNREADABLE}*')))
   if step is None and earlier and not start_over_if_unreadable:
     raise UnreadableCheckpointsError(
@@ -255,7 +257,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise errors.InputFileError(
         f'{path} cannot be read as a config ({type(e).__name__}: {e}). Restore it, or replace it '
         'with the config the run was started with: evaluation accepts --config=FILE instead, and '
-        'training writes it anew once the file is deleted.') from None
+        'training writes it anew once the file is deleted.') from e
 
 
 def diff(old: dict, new: dict, prefix: str = '') -> dict[str, tuple[Any, Any]]:

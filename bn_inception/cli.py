@@ -6,7 +6,7 @@ import os
 import re
 import sys
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from absl import app
 from absl import flags
@@ -66,7 +66,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   app.run(main_reporting_user_errors, flags_parser=_parse_flags)
 
 
-def exit_with_error(message: str) -> None:
+def exit_with_error(message: str) -> NoReturn:
   sys.stderr.write(f'Error: {message}\n')
   sys.exit(1)
 
