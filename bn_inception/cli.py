@@ -76,9 +76,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = app.parse_flags_with_usage(argv)  # absl reports its own errors (unknown flags, values)
   except (AttributeError, KeyError) as e:  # ml_collections: --config.FIELD names no field
+    overrides = [a.lstrip('-').split('=', 1)[0] for a in argv[1:] if re.match(r'--?\w+\.', a)]
+    if not overrides:
+      raise
     if '--traceback' in argv:
       traceback.print_exc()
-    exit_with_error(_unknown_field_message(e, argv))
+    exit_with_error(_unknown_field_message(e, overrides))
   if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
     # ml_collections defers the error of a config file that is not there to the config's first use.
     path = config_flags.get_config_filename(flags.FLAGS['config']).split(':', 1)[0]
@@ -88,7 +91,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
   return argv
 
 
-def _unknown_field_message(error: Exception, argv: list[str]) -> str:
+def _unknown_field_message(error: Exception, overrides: list[str]) -> str:
   # ml_collections raises KeyError(name) (as AttributeError when it knows a close name, with "Did
   # you mean ..." in the message) from deep in its parser; name the flag and the suggestion.
   chain, e = [], error
@@ -97,7 +100,6 @@ def _unknown_field_message(error: Exception, argv: list[str]) -> str:
     e = e.__cause__ or e.__context__
   key = str(chain[-1].args[0]).strip('\'"') if chain[-1].args else '?'
   suggestion = re.search(r'Did you mean "([^"]+)"', ' '.join(str(e) for e in chain))
-  overrides = [a.lstrip('-').split('=', 1)[0] for a in argv[1:] if re.match(r'--?\w+\.', a)]
   field = next((o for o in overrides if key in o.split('.')[1:]), key)
   return (f'--{field}: the config has no field {key!r}'
           + (f'; did you mean {suggestion.group(1)!r}?' if suggestion else

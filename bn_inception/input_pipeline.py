@@ -24,6 +24,8 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from bn_inception import errors
+
 
 class DatasetInfo(NamedTuple):
   num_classes: int
@@ -58,7 +60,7 @@ NUM_CROPS = {'center': 1, '10': 10, '144': 144}
 
 def num_crops(crops: str) -> int:
   if crops not in NUM_CROPS:
-    raise ValueError(f'Unknown eval crops {crops!r}; valid: {list(NUM_CROPS)}.')
+    raise errors.ConfigError(f'Unknown eval crops {crops!r}; valid: {list(NUM_CROPS)}.')
   return NUM_CROPS[crops]
 
 
@@ -188,8 +190,9 @@ def _digits_train(config, *, local_batch_size, seed, start_step, process_index, 
 
 def _digits_eval(config, *, local_batch_size, crops, process_index, process_count):
   if crops != 'center':
-    raise ValueError(f"digits evaluates whole images (crops='center'); got crops={crops!r}: its "
-                     'training uses no crops, and its 8 x 8 images have nothing to crop.')
+    raise errors.ConfigError(
+        f"digits evaluates whole images (crops='center'); got crops={crops!r}: its training uses "
+        'no crops, and its 8 x 8 images have nothing to crop.')
   images, labels, _, test = _digits(config.image_size)
 
   def batch(indices, mask):

@@ -50,8 +50,10 @@ def assert_one_message(result, *parts):
   """Exit status 1, no Python traceback, and the message, holding `parts`, last on stderr."""
   assert result.returncode == 1, result.stderr
   assert 'Traceback' not in result.stderr, result.stderr
-  assert 'Error: ' in result.stderr, result.stderr
-  message = result.stderr[result.stderr.rindex('Error: '):]
+  lines = result.stderr.splitlines(keepends=True)
+  starts = [i for i, line in enumerate(lines) if line.startswith('Error: ')]
+  assert starts, result.stderr
+  message = ''.join(lines[starts[-1]:])
   for part in parts:
     assert part in message, (part, result.stderr)
 
