@@ -85,12 +85,12 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
     for bad, error in unreadable:
       aside = f' and set it aside as {set_aside(mngr, bad)}' if set_aside_unreadable else ''
       logging.warning('Checkpoint %d in %s cannot be read (%s): using step %d instead%s.', bad,
-                      mngr.directory, _describe(error), s, aside)
+                      mngr.directory, errors.describe(error), s, aside)
     return s, restored[ITEM]
   if unreadable:
     raise UnreadableCheckpointsError(
         f'None of the checkpoints in {mngr.directory} can be read:\n'
-        + ''.join(f'  step {s}: {_describe(e)}\n' for s, e in unreadable))
+        + ''.join(f'  step {s}: {errors.describe(e)}\n' for s, e in unreadable))
   return None, None
 
 
@@ -137,15 +137,6 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
         'start again from step 0. Restore good copies (named by their step) and rerun'
         + start_over)
   return step, state
-
-
-def _describe(error: Exception) -> str:
-  """The type and first line of the exception an error comes from (Orbax wraps tensorstore's, whose
-  message names the file, in one that prints pages of its spec)."""
-  while error.__cause__ or error.__context__:
-    error = error.__cause__ or error.__context__
-  lines = str(error).strip().splitlines()
-  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'
 
 
 class _LoopWaitingForItsTasks(asyncio.SelectorEventLoop):
@@ -255,7 +246,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       return ml_collections.ConfigDict(json.load(f))
   except (ValueError, TypeError) as e:  # not JSON (JSONDecodeError, UnicodeDecodeError), or no dict
     raise errors.InputFileError(
-        f'{path} cannot be read as a config ({type(e).__name__}: {e}). Restore it, or replace it '
+        f'{path} cannot be read as a config ({errors.describe(e)}). Restore it, or replace it '
         'with the config the run was started with: evaluation accepts --config=FILE instead, and '
         'training writes it anew once the file is deleted.') from e
 

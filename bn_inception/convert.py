@@ -174,7 +174,7 @@ def load_torch_checkpoint(path: str) -> dict[str, Any]:
   except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds on other files
     raise errors.InputFileError(
         f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) reads '
-        f'({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}). '
+        f'({errors.describe(e)}). '
         "Expected the port's state dict, e.g. bn_inception-52deb4733.pth "
         '(README: Start from the Caffe-trained weights).') from e
   if not isinstance(state_dict, Mapping):

@@ -21,3 +21,13 @@ class InputFileError(UserError, ValueError):
 
 class NotFoundError(UserError, FileNotFoundError):
   """A file, directory, checkpoint or data set that is not there."""
+
+
+def describe(error: BaseException) -> str:
+  """The type and first line of the exception at the root of `error`'s chain: what a library that
+  wraps another's error (Orbax tensorstore's, which names the file) actually ran into, without the
+  pages of detail some add."""
+  while error.__cause__ or error.__context__:
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  return f'{type(error).__name__}: {lines[0][:300] if lines else ""}'

@@ -64,7 +64,7 @@ def load(path: str) -> Predictions:
       arrays = {name: f[name] for name in f.files}
     meta = json.loads(str(arrays['meta'])) if 'meta' in arrays else None
   except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # damaged, pickled, not JSON
-    raise errors.InputFileError(f'{not_one}: {type(e).__name__}: {e}') from e
+    raise errors.InputFileError(f'{not_one}: {errors.describe(e)}') from e
   missing = {'probs', 'labels', 'ids', 'meta'} - set(arrays)
   if missing:
     raise errors.InputFileError(f'{not_one}: it lacks {sorted(missing)}.')

@@ -130,7 +130,7 @@ def _naming_undecodable_images(batches, config, split: str):
   except tf.errors.InvalidArgumentError as e:
     builder = _builder(config)
     logging.warning('Reading %s failed (%s); looking for images that cannot be decoded.',
-                    config.name, str(e).splitlines()[0])
+                    config.name, errors.describe(e))
     bad = _undecodable_images(builder, split)
     if not bad:
       raise

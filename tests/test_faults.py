@@ -2,8 +2,8 @@
 message without a traceback.
 
 One tiny digits run (test_train's config: checkpoints at steps 2 and 4) is trained once for the
-module and copied into each test that needs a workdir. Behaviour about exit codes and output runs the
-real command-line entry points in subprocesses; those stop before compiling the training step.
+module and copied into each test that needs a workdir. Behaviour about exit codes and output runs
+the real command-line entry points in subprocesses; those stop before compiling the training step.
 """
 
 import os
