@@ -77,8 +77,8 @@ def _builder(config) -> tfds.core.DatasetBuilder:
   logging.info('Preparing %s in %s, once.', config.name, builder.data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
-  # TFDS stores the images as they come, decodable or not: decode each once now (minutes on
-  # ImageNet, against hours of preparing), rather than fail in some epoch's batch.
+  # TFDS stores the images as they come, decodable or not: decode each once now (little, against
+  # the hours of preparing ImageNet), rather than fail in some epoch's batch.
   logging.info('Checking that every image of %s decodes.', config.name)
   bad = {split: _undecodable_images(builder, split) for split in builder.info.splits}
   if any(bad.values()):
