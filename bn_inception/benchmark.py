@@ -35,6 +35,7 @@ import jaxlib
 import ml_collections
 import numpy as np
 
+from bn_inception import config_checks
 from bn_inception import convert
 from bn_inception import input_pipeline
 from bn_inception import train
@@ -159,6 +160,7 @@ def run(config: ml_collections.ConfigDict, *, mode: str = 'train', steps: int = 
         warmup_steps: int = 3, peer: Optional[str] = None, torch_compile: Optional[bool] = None,
         profile_dir: Optional[str] = None) -> dict[str, Any]:
   """Times `steps` steps of `mode` after compilation and `warmup_steps`; returns the numbers."""
+  config_checks.check(config)
   if mode not in MODES:
     raise ValueError(f'Unknown mode {mode!r}; valid: {list(MODES)}.')
   if peer not in (None,) + PEERS:

@@ -1,10 +1,14 @@
 """Orbax checkpoints of a run's workdir: `WORKDIR/checkpoints/<step>/state` plus `WORKDIR/config.json`.
 
 Orbax writes every checkpoint into a temporary directory and renames it when complete, so a crash
-mid-write never touches the last good one; an incomplete or unreadable newest checkpoint is skipped
-in favour of the previous one, with a warning.
+mid-write never touches the last good one; an unreadable newest checkpoint is skipped in favour of
+the previous one, with one warning. A training run resumes only from a checkpoint that fits it, and
+never starts again from step 0 when checkpoints exist but none can be read (`resume`).
 """
 
+import asyncio
+import contextlib
+import glob
 import json
 import os
 import time
@@ -16,7 +20,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bn_inception import errors
+
 ITEM = 'state'
+UNREADABLE = '.unreadable.'  # a set-aside checkpoint: STEP.unreadable.TIME
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -25,9 +32,10 @@ def checkpoint_dir(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
             read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, keep_period=keep_every or None, create=not read_only,
-      read_only=read_only, enable_async_checkpointing=not read_only)
+  options = ocp.CheckpointManagerOptions(  # read-only: nothing to keep or save (Orbax warns else)
+      max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+      keep_period=keep_every or None, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers={ITEM: ocp.StandardCheckpointHandler()})
 
@@ -42,51 +50,139 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
                    set_aside_unreadable: bool = False) -> tuple[Optional[int], Any]:
   """Restores `step` (default: the newest that reads back), into the structure of `target`.
 
-  Returns (step, state), or (None, None) when the directory holds no checkpoint. A newest checkpoint
-  that cannot be read is skipped with a warning (and, with `set_aside_unreadable`, renamed to
-  `<step>.unreadable.<time>` so that training can write that step again); a checkpoint whose
-  parameters differ from `target`'s (another model's workdir) is a clear error. With `only` (names
-  of the state's entries, e.g. ('params', 'batch_stats')), the state is a dict of just those, as
-  numpy arrays, whatever the devices it was saved from; the other entries are not read, and names
-  the checkpoint lacks (or holds as None) map to None.
+  Returns (step, state), or (None, None) when the directory holds no checkpoint. Newer checkpoints
+  that cannot be read are skipped with one warning each (and, with `set_aside_unreadable`, renamed
+  to `<step>.unreadable.<time>` so that training can write those steps again); when none can be
+  read, UnreadableCheckpointsError says so and nothing is renamed. A checkpoint whose arrays differ
+  from `target`'s (another model's workdir) is a CheckpointMismatchError. With `only` (names of the
+  state's entries, e.g. ('params', 'batch_stats')), the state is a dict of just those, as numpy
+  arrays, whatever the devices it was saved from; the other entries are not read, and names the
+  checkpoint lacks (or holds as None) map to None.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
-      raise FileNotFoundError(
+      raise errors.NotFoundError(
           f'No checkpoint for step {step} in {mngr.directory}; available: {sorted(steps)}.')
     steps = [step]
   restore_args = (ocp.args.StandardRestore(target) if target is not None
                   else ocp.args.StandardRestore())
-  for i, s in enumerate(steps):
+  unreadable = []
+  for s in steps:
     try:
-      if target is not None:
-        check_fits(mngr.item_metadata(s)[ITEM].tree, target, s, mngr.directory)
-      if only is not None:
-        restored = {ITEM: _restore_only(mngr, s, only)}
-      else:
-        restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
+      with _reads_finish_before_loops_close():
+        if target is not None:
+          check_fits(mngr.item_metadata(s)[ITEM].tree, target, s, mngr.directory)
+        if only is not None:
+          restored = {ITEM: _restore_only(mngr, s, only)}
+        else:
+          restored = mngr.restore(s, args=ocp.args.Composite(**{ITEM: restore_args}))
     except CheckpointMismatchError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      fallback = f'falling back to step {steps[i + 1]}' if i + 1 < len(steps) else 'none is older'
-      logging.warning('Checkpoint %d in %s could not be read (%s: %s); %s.', s, mngr.directory,
-                      type(e).__name__, e, fallback)
-      if set_aside_unreadable:
-        set_aside(mngr, s)
-    else:
-      return s, restored[ITEM]
-  if steps:
-    raise RuntimeError(f'No checkpoint in {mngr.directory} could be read (tried steps {steps}).')
+      unreadable.append((s, e))
+      continue
+    for bad, error in unreadable:
+      aside = f' and set it aside as {set_aside(mngr, bad)}' if set_aside_unreadable else ''
+      logging.warning('Checkpoint %d in %s cannot be read (%s): using step %d instead%s.', bad,
+                      mngr.directory, errors.describe(error), s, aside)
+    return s, restored[ITEM]
+  if unreadable:
+    raise UnreadableCheckpointsError(
+        f'None of the checkpoints in {mngr.directory} can be read:\n'
+        + ''.join(f'  step {s}: {errors.describe(e)}\n' for s, e in unreadable))
   return None, None
 
 
-def set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
-  """Renames an unreadable checkpoint out of Orbax's way, keeping it for inspection."""
+def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
+           start_over_if_unreadable: bool = False) -> tuple[Optional[int], Any]:
+  """Where a training run in `workdir` starts: (step, state) of its newest readable checkpoint, or
+  (None, None) for a new run. Everything is checked before training writes anything:
+
+  * config.json must be readable; fields that differ from `config` are logged as a warning;
+  * a checkpoint of another model (CheckpointMismatchError) is refused;
+  * checkpoints that exist but cannot be read, all of them, or only ones set aside earlier, stop
+    the run (UnreadableCheckpointsError, nothing renamed) rather than start again from step 0,
+    unless `start_over_if_unreadable` (then they are set aside and the run starts from scratch).
+
+  Unreadable checkpoints newer than the one used are set aside, so that training can write those
+  steps again. Nothing else changes on disk.
+  """
+  if os.path.exists(os.path.join(workdir, 'config.json')):
+    changed = diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
+    if changed:
+      logging.warning('Resuming %s with a config that differs from the saved one in: %s', workdir,
+                      '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()))
+  mngr = manager(workdir, read_only=True)
+  start_over = ('; or start over from step 0: rerun with --start_over_if_unreadable (they stay, '
+                f'renamed STEP{UNREADABLE}TIME), or use a new --workdir.')
+  try:
+    step, state = restore_latest(mngr, target, set_aside_unreadable=True)
+  except UnreadableCheckpointsError as e:
+    if not start_over_if_unreadable:
+      raise UnreadableCheckpointsError(
+          f'{e}Training stops rather than start again from step 0 (nothing was changed). '
+          'Restore the checkpoints (e.g. from a backup) and rerun' + start_over) from e
+    set_aside_steps = [set_aside(mngr, s) for s in mngr.all_steps()]
+    logging.warning('No checkpoint in %s can be read: set aside as %s; starting over from step 0.',
+                    mngr.directory, set_aside_steps)
+    step, state = None, None
+  finally:
+    mngr.close()
+  earlier = sorted(glob.glob(os.path.join(checkpoint_dir(workdir), f'*{UNREADABLE}*')))
+  if step is None and earlier and not start_over_if_unreadable:
+    raise UnreadableCheckpointsError(
+        f'{checkpoint_dir(workdir)} holds no readable checkpoint, only ones set aside earlier as '
+        f'unreadable: {", ".join(map(os.path.basename, earlier))}. Training stops rather than '
+        'start again from step 0. Restore good copies (named by their step) and rerun'
+        + start_over)
+  return step, state
+
+
+class _LoopWaitingForItsTasks(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks finish before it closes."""
+
+  def close(self):
+    if not self.is_running() and not self.is_closed():
+      pending = asyncio.all_tasks(self)
+      if pending:
+        self.run_until_complete(asyncio.wait(pending))
+        for task in pending:  # retrieved, so that asyncio does not log each one
+          if not task.cancelled():
+            task.exception()
+    super().close()
+
+
+class _LoopsWaitingForTheirTasks(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self):
+    return _LoopWaitingForItsTasks()
+
+
+@contextlib.contextmanager
+def _reads_finish_before_loops_close():
+  """Orbax reads a checkpoint's arrays concurrently (tensorstore) in a fresh event loop, which it
+  closes as soon as one read fails; each read still in flight then completes by scheduling its
+  callback on the closed loop, and tensorstore reports every "Event loop is closed" RuntimeError
+  through sys.unraisablehook: tens of thousands of lines for one damaged checkpoint. Loops made
+  meanwhile let their reads finish before closing, as asyncio.run() would."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_LoopsWaitingForTheirTasks())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
+def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
+  """Renames an unreadable checkpoint out of Orbax's way, keeping it for inspection; returns its
+  new name."""
   path = os.path.join(str(mngr.directory), str(step))
+  aside = f'{path}{UNREADABLE}{int(time.time())}'
   if jax.process_index() == 0 and os.path.isdir(path):
-    os.replace(path, f'{path}.unreadable.{int(time.time())}')
+    os.replace(path, aside)
   mngr.reload()
+  return os.path.basename(aside)
 
 
 def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) -> dict[str, Any]:
@@ -105,8 +201,12 @@ def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) 
   return {name: restored.get(name) for name in names}
 
 
-class CheckpointMismatchError(ValueError):
-  pass
+class CheckpointMismatchError(errors.UserError, ValueError):
+  """A readable checkpoint of another model or setting."""
+
+
+class UnreadableCheckpointsError(errors.UserError, RuntimeError):
+  """Checkpoints exist, but none can be read."""
 
 
 def check_fits(stored, target, step: int, directory) -> None:
@@ -128,30 +228,27 @@ def check_fits(stored, target, step: int, directory) -> None:
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json (atomically), warning about fields that differ from an existing one."""
-  path = os.path.join(workdir, 'config.json')
-  new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    changed = diff(old, new)
-    if changed:
-      logging.warning('Resuming %s with a config that differs from the saved one in: %s',
-                      workdir, '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()))
+  """Writes config.json (atomically; `resume` compares the config with it first)."""
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(new, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
+      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir} a bn_inception workdir?')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    raise errors.NotFoundError(f'{path} not found: is {workdir} a bn_inception workdir?')
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (ValueError, TypeError) as e:  # not JSON (JSONDecodeError, UnicodeDecodeError), or no dict
+    raise errors.InputFileError(
+        f'{path} cannot be read as a config ({errors.describe(e)}). Restore it, or replace it '
+        'with the config the run was started with: evaluation accepts --config=FILE instead, and '
+        'training writes it anew once the file is deleted.') from e
 
 
 def diff(old: dict, new: dict, prefix: str = '') -> dict[str, tuple[Any, Any]]:

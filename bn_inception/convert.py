@@ -20,7 +20,6 @@ import importlib.util
 import os
 from typing import Any, Mapping
 
-from absl import app
 from absl import flags
 import flax
 import jax
@@ -29,6 +28,8 @@ import ml_collections
 import numpy as np
 
 from bn_inception import checkpoints
+from bn_inception import cli
+from bn_inception import errors
 from bn_inception import models
 from configs import default
 
@@ -132,7 +133,7 @@ def from_torch_state_dict(state_dict: Mapping[str, Any]):
     if arrays[key].shape != port_shape:
       misshaped.append(f'{key} {arrays[key].shape} (expected {port_shape})')
   if unknown or missing or misshaped:
-    raise ValueError(
+    raise errors.InputFileError(
         'This state dict is not the BN-Inception of pretrainedmodels (bninception.py):'
         + _listing('unknown keys', unknown) + _listing('missing keys', missing)
         + _listing('keys with the wrong shape', misshaped))
@@ -165,9 +166,18 @@ def _listing(kind: str, keys: list[str]) -> str:
 def load_torch_checkpoint(path: str) -> dict[str, Any]:
   """Reads a `.pth` state dict without running any code from it (weights_only)."""
   import torch  # the optional extra: pip install -e '.[torch]'
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  if not os.path.isfile(path):
+    raise errors.NotFoundError(f'{path}: no such file.')
+  try:
+    state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  # torch raises many kinds on other files
+    raise errors.InputFileError(
+        f'{path} is not a PyTorch checkpoint that torch.load(weights_only=True) reads '
+        f'({errors.describe(e)}). '
+        "Expected the port's state dict, e.g. bn_inception-52deb4733.pth "
+        '(README: Start from the Caffe-trained weights).') from e
   if not isinstance(state_dict, Mapping):
-    raise ValueError(f'{path} holds a {type(state_dict).__name__}, not a state dict.')
+    raise errors.InputFileError(f'{path} holds a {type(state_dict).__name__}, not a state dict.')
   return dict(state_dict)
 
 
@@ -177,8 +187,8 @@ def save(workdir: str, config: ml_collections.ConfigDict, variables) -> None:
   mngr = checkpoints.manager(workdir)
   try:
     if mngr.all_steps():
-      raise FileExistsError(f'{workdir} already holds checkpoints {mngr.all_steps()}; '
-                            'convert into a new workdir.')
+      raise errors.ConfigError(f'{workdir} already holds checkpoints {mngr.all_steps()}; '
+                               'convert into a new workdir.')
     checkpoints.save(mngr, 0, {'step': np.asarray(0, np.int32), 'params': variables['params'],
                                'batch_stats': variables['batch_stats']})
     mngr.wait_until_finished()
@@ -189,7 +199,11 @@ def save(workdir: str, config: ml_collections.ConfigDict, variables) -> None:
 
 def convert(torch_checkpoint: str, workdir: str) -> ml_collections.ConfigDict:
   """The port's `.pth` -> an Orbax checkpoint and config.json in `workdir`; returns the config."""
-  model, variables = from_torch_state_dict(load_torch_checkpoint(torch_checkpoint))
+  state_dict = load_torch_checkpoint(torch_checkpoint)
+  try:
+    model, variables = from_torch_state_dict(state_dict)
+  except errors.InputFileError as e:
+    raise errors.InputFileError(f'{torch_checkpoint}: {e}') from e
   config = caffe_config(model.num_classes)
   save(workdir, config, variables)
   return config
@@ -208,4 +222,4 @@ if __name__ == '__main__':
                       "The port's state dict, e.g. bn_inception-52deb4733.pth.")
   flags.DEFINE_string('workdir', None, 'Where to write checkpoints/ and config.json.')
   flags.mark_flags_as_required(['torch_checkpoint', 'workdir'])
-  app.run(main)
+  cli.run(main)

@@ -1,4 +1,4 @@
-"""What every data source produces: its DatasetInfo, the evaluation crops, padded evaluation batches.
+"""What every data source shares: DatasetInfo, the shuffle modes, the evaluation crops, padded batches.
 
 Shared by `input_pipeline` (the interface and the numpy sources) and `tfds_pipeline` (TensorFlow),
 neither of which imports the other at import time. numpy only.
@@ -9,11 +9,29 @@ from typing import NamedTuple
 
 import numpy as np
 
+from bn_inception import errors
+
 
 class DatasetInfo(NamedTuple):
   num_classes: int
   num_train_examples: int
   num_eval_examples: int
+
+
+class Shuffle(NamedTuple):
+  """How thoroughly training shuffles TFDS data (config.dataset.shuffle; tfds_pipeline)."""
+  files: int  # read together, interleaved example by example
+  buffer: int  # examples in the shuffle buffer; 0: none, the examples come in their stored order
+
+
+# 'light' (Inception, BN-Baseline): no within-shard shuffling. Every epoch reads the host's files in
+# a new random order, one at a time, each in its stored order (TFDS's, fixed when it prepared the
+# data), so examples that are neighbours in a file share mini-batches in every epoch. No buffer.
+# 'thorough' (Modified BN-Inception, paper section 4.2.1, change 6: "within-shard shuffling"): 16
+# files interleaved example by example through a buffer as large as most of them, so batches mix
+# examples from different files in a new combination every epoch. On ImageNet (1024 files of ~1250
+# examples, ~110 kB each) that buffer holds ~1.8 GB, twice while the next chunk fills.
+SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,7 +76,7 @@ def crop_geometry(crops: str) -> CropGeometry:
     once per square and mirror and weighs 4/144: 126 distinct crops stand for the 144.
   """
   if crops not in CROPS:
-    raise ValueError(f'Unknown eval crops {crops!r}; valid: {list(CROPS)}.')
+    raise errors.ConfigError(f'Unknown eval crops {crops!r}; valid: {list(CROPS)}.')
   margin = 1 - CENTER_FRACTION
   five = ((0, 0), (0, 1), (1, 0), (1, 1), (0.5, 0.5))  # corners and centre, as (y, x) fractions
   if crops == 'center':

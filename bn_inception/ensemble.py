@@ -13,8 +13,11 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
+from bn_inception import cli
+from bn_inception import errors
 from bn_inception import predictions
 from bn_inception.predictions import Predictions
 
@@ -22,18 +25,25 @@ _SHOWN = 5  # ids quoted in an error message
 
 
 def align(members: Sequence[Predictions], names: Sequence[str]) -> list[Predictions]:
-  """The members sorted by id, after checking that they hold the same examples and labels."""
+  """The members sorted by id, after checking that they hold the same examples and labels, and
+  finite probabilities."""
   aligned = [m.sorted_by_id() for m in members]
   first, first_name = aligned[0], names[0]
   for member, name in zip(aligned, names):
+    not_finite = ~np.all(np.isfinite(member.probs), axis=1)
+    if np.any(not_finite):
+      raise errors.InputFileError(
+          f'{name} holds probabilities that are not finite (NaN or inf) for {np.sum(not_finite)} '
+          f'of {len(not_finite)} examples, e.g. ids {_some(member.ids[not_finite])}: the weights '
+          'it was evaluated with are broken (a diverged run?). Evaluate a good checkpoint again.')
     unique, counts = np.unique(member.ids, return_counts=True)
     if len(unique) < len(member.ids):
-      raise ValueError(f'{name} holds {np.sum(counts > 1)} ids more than once, e.g. '
-                       f'{_some(unique[counts > 1])}.')
+      raise errors.InputFileError(f'{name} holds {np.sum(counts > 1)} ids more than once, e.g. '
+                                  f'{_some(unique[counts > 1])}.')
   for member, name in zip(aligned[1:], names[1:]):
     if member.probs.shape[1] != first.probs.shape[1]:
-      raise ValueError(f'{name} has {member.probs.shape[1]} classes, {first_name} '
-                       f'{first.probs.shape[1]}.')
+      raise errors.InputFileError(f'{name} has {member.probs.shape[1]} classes, {first_name} '
+                                  f'{first.probs.shape[1]}.')
     if len(member.ids) != len(first.ids) or np.any(member.ids != first.ids):
       missing = np.setdiff1d(first.ids, member.ids)
       extra = np.setdiff1d(member.ids, first.ids)
@@ -41,14 +51,14 @@ def align(members: Sequence[Predictions], names: Sequence[str]) -> list[Predicti
                      f'(e.g. {_some(missing)})'] if len(missing) else []
       differences += [f'{len(extra)} ids of {name} are not in {first_name} '
                       f'(e.g. {_some(extra)})'] if len(extra) else []
-      raise ValueError(f'{name} and {first_name} hold different examples: '
-                       f'{"; ".join(differences)}.')
+      raise errors.InputFileError(f'{name} and {first_name} hold different examples: '
+                                  f'{"; ".join(differences)}.')
     differ = member.labels != first.labels
     if np.any(differ):
       shown = ', '.join(f'{i}: {a} vs {b}' for i, a, b in zip(
           member.ids[differ][:_SHOWN], first.labels[differ], member.labels[differ]))
-      raise ValueError(f'{first_name} and {name} disagree on the labels of {np.sum(differ)} '
-                       f'ids, e.g. {shown}.')
+      raise errors.InputFileError(f'{first_name} and {name} disagree on the labels of '
+                                  f'{np.sum(differ)} ids, e.g. {shown}.')
   return aligned
 
 
@@ -83,7 +93,18 @@ def format_report(rows: Sequence[dict]) -> str:
 
 def ensemble_files(paths: Sequence[str],
                    output: str | None = None) -> tuple[Predictions, list[dict]]:
-  """Loads the members, ensembles them, writes `output` if given; returns it and the report rows."""
+  """Loads the members, ensembles them, writes `output` if given; returns it and the report rows.
+
+  `output` may not be one of the members (it would overwrite it); a member given twice counts
+  twice, with a warning.
+  """
+  real = [os.path.realpath(p) for p in paths]
+  if output and os.path.realpath(output) in real:
+    raise errors.ConfigError(f'--output={output} is one of the members: writing the ensemble '
+                             'there would overwrite it. Name another file.')
+  for path in sorted({p for p in real if real.count(p) > 1}):
+    logging.warning('%s is given %d times: it counts as many times in the mean.', path,
+                    real.count(path))
   members = [predictions.load(p) for p in paths]
   names = _short_names(paths)
   combined = ensemble(members, names)
@@ -109,10 +130,7 @@ def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('Name the predictions files to ensemble: A.npz B.npz ...')
-  try:
-    _, rows = ensemble_files(paths, flags.FLAGS.output)
-  except ValueError as e:
-    raise SystemExit(f'Refused: {e}') from e
+  _, rows = ensemble_files(paths, flags.FLAGS.output)
   print(format_report(rows))
   if flags.FLAGS.output:
     print(f'Wrote {flags.FLAGS.output}')
@@ -120,4 +138,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.DEFINE_string('output', None, "Where to write the ensemble's predictions (.npz).")
-  app.run(main)
+  cli.run(main)

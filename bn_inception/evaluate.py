@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -27,6 +28,8 @@ import numpy as np
 from bn_inception import checkpoints
 from bn_inception import cli
 from bn_inception import data_spec
+from bn_inception import config_checks
+from bn_inception import errors
 from bn_inception import input_pipeline
 from bn_inception import models
 from bn_inception import predictions
@@ -49,15 +52,16 @@ def restore_variables(workdir: str, step: Optional[int] = None,
   any number of devices.
   """
   if weights not in WEIGHTS:
-    raise ValueError(f'Unknown weights {weights!r}; valid: {list(WEIGHTS)}.')
+    raise errors.ConfigError(f'Unknown weights {weights!r}; valid: {list(WEIGHTS)}.')
   mngr = checkpoints.manager(workdir, read_only=True)
   step, state = checkpoints.restore_latest(
       mngr, step=step, only=('params', 'ema_params', 'batch_stats'))
   if state is None:
-    raise FileNotFoundError(f'{checkpoints.checkpoint_dir(workdir)} holds no checkpoint.')
+    raise errors.NotFoundError(f'{checkpoints.checkpoint_dir(workdir)} holds no checkpoint.')
   if weights == 'ema' and state['ema_params'] is None:
-    raise ValueError(f'The checkpoint at step {step} in {workdir} holds no EMA weights (the run '
-                     'had config.ema_decay=None): use --weights=raw.')
+    raise errors.ConfigError(
+        f'The checkpoint at step {step} in {workdir} holds no EMA weights (the run had '
+        'config.ema_decay=None): use --weights=raw.')
   used = 'ema' if weights != 'raw' and state['ema_params'] is not None else 'raw'
   params = state['ema_params'] if used == 'ema' else state['params']
   return step, {'params': params, 'batch_stats': state['batch_stats'] or {}}, used
@@ -122,18 +126,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   over all devices and hosts (default: default_batch_size). `predictions.accuracy(result)` gives
   top-1/top-5.
   """
+  config_checks.check(config, training=False)
   mesh = mesh or train.make_mesh()
   crops = crops or config.dataset.eval_crops
   batch_size = batch_size or default_batch_size(config, crops, mesh)
   train.check_batch(batch_size, None, mesh)  # no BN groups at inference
   info = input_pipeline.get_info(config.dataset)
-  if info.num_classes != config.model.num_classes:
-    raise ValueError(f'{config.dataset.name} has {info.num_classes} classes but '
-                     f'model.num_classes is {config.model.num_classes}.')
+  config_checks.check_num_classes(config, info)
   step, variables, used = restore_variables(workdir, step, weights)
+  model = models.from_config(config.model)
+  # The same check as training's: a checkpoint of another network is refused by name and shape.
+  size = config.dataset.image_size
+  checkpoints.check_fits(variables, jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)), step, workdir)
   batches = input_pipeline.eval_batches(
       config.dataset, local_batch_size=batch_size // jax.process_count(), crops=crops)
-  probs, labels, ids = predict_batches(models.from_config(config.model), variables, batches, mesh,
+  probs, labels, ids = predict_batches(model, variables, batches, mesh,
                                        train.input_convention(config),
                                        data_spec.crop_weights(crops))
   if len(ids) != info.num_eval_examples or len(np.unique(ids)) != len(ids):
@@ -168,18 +176,18 @@ def resolve_checkpoint(workdir: Optional[str],
   named = {'latest': None, 'all': 'all'}
   if checkpoint in named or checkpoint.isdigit():
     if not workdir:
-      raise ValueError(f'--checkpoint={checkpoint} needs --workdir.')
+      raise errors.ConfigError(f'--checkpoint={checkpoint} needs --workdir.')
     return workdir, named[checkpoint] if checkpoint in named else int(checkpoint)
   path = os.path.abspath(checkpoint.rstrip('/'))
   if os.path.basename(path) == checkpoints.ITEM:
     path = os.path.dirname(path)
   step, parent = os.path.basename(path), os.path.dirname(path)
   if not step.isdigit() or os.path.basename(parent) != 'checkpoints':
-    raise ValueError(f'--checkpoint={checkpoint} is not latest, all, a step or a checkpoint '
-                     'directory WORKDIR/checkpoints/STEP.')
+    raise errors.ConfigError(f'--checkpoint={checkpoint} is not latest, all, a step or a '
+                             'checkpoint directory WORKDIR/checkpoints/STEP.')
   path_workdir = os.path.dirname(parent)
   if workdir and os.path.abspath(workdir) != path_workdir:
-    raise ValueError(f'--checkpoint={checkpoint} is not in --workdir={workdir}.')
+    raise errors.ConfigError(f'--checkpoint={checkpoint} is not in --workdir={workdir}.')
   return path_workdir, int(step)
 
 
@@ -204,6 +212,8 @@ def main(argv):
   config = _CONFIG.value or checkpoints.read_config(workdir)
   steps = ([step] if step != 'all' else
            sorted(checkpoints.manager(workdir, read_only=True).all_steps()))
+  if not steps:
+    raise errors.NotFoundError(f'{checkpoints.checkpoint_dir(workdir)} holds no checkpoint.')
   report = jax.process_index() == 0
   rows = []
   for s in steps:
@@ -246,4 +256,4 @@ FLAGS = flags.FLAGS
 
 if __name__ == '__main__':
   _CONFIG = define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from bn_inception import data_spec
+from bn_inception import errors
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,8 +96,9 @@ def _digits_train(config, *, local_batch_size, seed, start_step, process_index, 
 
 def _digits_eval(config, *, local_batch_size, crops, process_index, process_count):
   if crops != 'center':
-    raise ValueError(f"digits evaluates whole images (crops='center'); got crops={crops!r}: its "
-                     'training uses no crops, and its 8 x 8 images have nothing to crop.')
+    raise errors.ConfigError(
+        f"digits evaluates whole images (crops='center'); got crops={crops!r}: its training uses "
+        'no crops, and its 8 x 8 images have nothing to crop.')
   images, labels, _, test = _digits(config.image_size)
 
   def batch(indices, mask):
@@ -162,7 +164,7 @@ def _from_tfds(function_name):
     try:
       return getattr(tfds_pipeline, function_name)(config, **kwargs)
     except tfds_pipeline.DatasetNotFoundError:
-      raise ValueError(unknown_dataset_message(config.name)) from None
+      raise errors.ConfigError(unknown_dataset_message(config.name)) from None
   return call
 
 

@@ -16,8 +16,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file,
                                           'configs/bn_x30.py or configs/bn_x30.py:digits.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, config and metrics.')
+_START_OVER = flags.DEFINE_bool(
+    'start_over_if_unreadable', False, 'When the workdir holds checkpoints but none can be read, '
+    'set them aside (STEP.unreadable.TIME) and train from step 0, instead of stopping.')
 _MULTIHOST = cli.define_multihost_flag()
-flags.adopt_module_key_flags(cli)  # --multihost in --help
+flags.adopt_module_key_flags(cli)  # --multihost, --traceback in --help
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -26,8 +29,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start(_MULTIHOST.value)
   from bn_inception import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                           start_over_if_unreadable=_START_OVER.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -10,10 +10,13 @@ Example order carries no meaning: files are aligned by id.
 
 import dataclasses
 import json
+import os
 from typing import Any, Sequence
+import zipfile
 
 import numpy as np
 
+from bn_inception import errors
 from bn_inception import train
 
 
@@ -49,11 +52,29 @@ def save(path: str, p: Predictions) -> None:
 
 
 def load(path: str) -> Predictions:
-  with np.load(path) as f:
-    missing = {'probs', 'labels', 'ids', 'meta'} - set(f.files)
-    if missing:
-      raise ValueError(f'{path} is not a predictions file: it lacks {sorted(missing)}.')
-    return Predictions(f['probs'], f['labels'], f['ids'], json.loads(str(f['meta'])))
+  """Reads a predictions file; one that is missing, damaged or of another kind is an error that
+  names it (errors.NotFoundError, errors.InputFileError)."""
+  if not os.path.isfile(path):
+    raise errors.NotFoundError(f'{path}: no such predictions file.')
+  not_one = f'{path} is not a predictions file (an .npz that bn_inception.evaluate --output writes)'
+  if not zipfile.is_zipfile(path):  # np.load would try it as a pickle, and refuse to unpickle
+    raise errors.InputFileError(f'{not_one}: it is not an .npz (zip) archive.')
+  try:
+    with np.load(path) as f:
+      arrays = {name: f[name] for name in f.files}
+    meta = json.loads(str(arrays['meta'])) if 'meta' in arrays else None
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # damaged, pickled, not JSON
+    raise errors.InputFileError(f'{not_one}: {errors.describe(e)}') from e
+  missing = {'probs', 'labels', 'ids', 'meta'} - set(arrays)
+  if missing:
+    raise errors.InputFileError(f'{not_one}: it lacks {sorted(missing)}.')
+  p = Predictions(arrays['probs'], arrays['labels'], arrays['ids'], meta)
+  n = len(p.labels)
+  if p.probs.ndim != 2 or p.labels.shape != (n,) or p.ids.shape != (n,):
+    raise errors.InputFileError(
+        f'{not_one}: probs {p.probs.shape}, labels {p.labels.shape} and ids {p.ids.shape} are '
+        'not [N, classes], [N] and [N].')
+  return p
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -13,7 +13,6 @@ change a single pixel.
 """
 
 import os
-from typing import NamedTuple
 
 from absl import logging
 import numpy as np
@@ -21,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bn_inception import data_spec
+from bn_inception import errors
 
 # JAX owns the accelerators: TensorFlow must not reserve their memory. (If TensorFlow has already
 # set up its devices, someone else decided; the call then raises and changes nothing.)
@@ -33,21 +33,6 @@ AUTOTUNE = tf.data.AUTOTUNE
 # What TFDS raises for a name it does not know; input_pipeline answers it with the valid names.
 DatasetNotFoundError = tfds.core.registered.DatasetNotFoundError
 
-
-class Shuffle(NamedTuple):
-  """How thoroughly training shuffles (config.dataset.shuffle)."""
-  files: int  # read together, interleaved example by example
-  buffer: int  # examples in the shuffle buffer; 0: none, the examples come in their stored order
-
-
-# 'light' (Inception, BN-Baseline): no within-shard shuffling. Every epoch reads the host's files in
-# a new random order, one at a time, each in its stored order (TFDS's, fixed when it prepared the
-# data), so examples that are neighbours in a file share mini-batches in every epoch. No buffer.
-# 'thorough' (Modified BN-Inception, paper section 4.2.1, change 6: "within-shard shuffling"): 16
-# files interleaved example by example through a buffer as large as most of them, so batches mix
-# examples from different files in a new combination every epoch. On ImageNet (1024 files of ~1250
-# examples, ~110 kB each) that buffer holds ~1.8 GB, twice while the next chunk fills.
-SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 IMAGENET_MISSING = """\
@@ -85,11 +70,69 @@ def _builder(config) -> tfds.core.DatasetBuilder:
     if missing:
       problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
                  'config.dataset.manual_dir is not set')
-      raise FileNotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir, problem=problem))
+      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
+                                                         problem=problem))
   logging.info('Preparing %s in %s, once.', config.name, builder.data_dir)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  # TFDS stores the images as they come, decodable or not: decode each once now (little, against
+  # the hours of preparing ImageNet), rather than fail in some epoch's batch.
+  logging.info('Checking that every image of %s decodes.', config.name)
+  bad = {split: _undecodable_images(builder, split) for split in builder.info.splits}
+  if any(bad.values()):
+    raise errors.InputFileError(_undecodable_message(builder, bad))
   return builder
+
+
+def _undecodable_images(builder, split: str) -> list[str]:
+  """The ids (file names) of the images of `split` that TensorFlow cannot decode."""
+  image_key, _, id_key = _keys(builder)
+  parse = _parser(builder, (image_key, id_key))
+
+  def example_id(record, fallback_id):
+    return parse(record)[id_key] if id_key else fallback_id
+
+  def decoded(record, fallback_id):  # the shape, else tf.data would prune the unused decode
+    image = tf.io.decode_image(parse(record)[image_key], channels=3, expand_animations=False)
+    return example_id(record, fallback_id), tf.shape(image)
+
+  examples = _records_with_ids(builder.info.splits[split].file_instructions)
+  good = {i for i, _ in examples.map(decoded, num_parallel_calls=AUTOTUNE).ignore_errors()
+          .as_numpy_iterator()}
+  return [i.decode() for i in examples.map(example_id).as_numpy_iterator() if i not in good]
+
+
+def _undecodable_message(builder, bad: dict[str, list[str]]) -> str:
+  """What is wrong and how to recover: which archive to replace, which directory to delete."""
+  found = '; '.join(f'{split}: {", ".join(ids[:10])}{" ..." if len(ids) > 10 else ""}'
+                    for split, ids in bad.items() if ids)
+  message = (f'{sum(map(len, bad.values()))} image(s) of {builder.info.name} cannot be decoded '
+             f'({found}), and preparing the data set stored them as they are in '
+             f'{builder.data_dir}. ')
+  if builder.info.name == 'imagenet2012':
+    archive = dict(zip(('train', 'validation'), IMAGENET_ARCHIVES))
+    archives = sorted({archive.get(split.split('[')[0], f'the archive of the {split} split')
+                       for split, ids in bad.items() if ids})
+    return message + (
+        f'They come from {" and ".join(archives)} in the manual_dir, which is damaged (an '
+        'interrupted download?). Download it again from https://image-net.org/download-images, '
+        f'then delete {builder.data_dir} so that the next run prepares the data set again.')
+  return message + f'Delete {builder.data_dir} so that the next run prepares it again.'
+
+
+def _naming_undecodable_images(batches, config, split: str):
+  """`batches`, with an image that fails to decode named (a data set prepared elsewhere, or by an
+  earlier version, was not checked when it was prepared)."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as e:
+    builder = _builder(config)
+    logging.warning('Reading %s failed (%s); looking for images that cannot be decoded.',
+                    config.name, errors.describe(e))
+    bad = _undecodable_images(builder, split)
+    if not bad:
+      raise
+    raise errors.InputFileError(_undecodable_message(builder, {split: bad})) from e
 
 
 def _keys(builder):
@@ -99,8 +142,9 @@ def _keys(builder):
   features = dict(info.features.items())
   if not (isinstance(features.get(image), tfds.features.Image) and
           isinstance(features.get(label), tfds.features.ClassLabel)):
-    raise ValueError(f'{info.name} is not an image-classification data set: its supervised keys '
-                     f'are {info.supervised_keys}, its features {info.features}.')
+    raise errors.ConfigError(
+        f'{info.name} is not an image-classification data set: its supervised keys are '
+        f'{info.supervised_keys}, its features {info.features}.')
   if info.file_format != tfds.core.FileFormat.TFRECORD:
     raise ValueError(f'{info.name} is stored as {info.file_format}; the pipeline reads TFRecord.')
   ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
@@ -279,6 +323,19 @@ def _chunks(lengths, files_per_chunk: int, seed, start: int) -> tf.data.Dataset:
   return tf.data.Dataset.zip(chunks, skips).map(lambda chunk, skip: (*chunk, skip))
 
 
+def _records_with_ids(instructions) -> tf.data.Dataset:
+  """(record, id) of the examples tfds FileInstructions name, in order. The id is TFDS's for data
+  sets without an id feature: "<file name>__<index in the file>"."""
+
+  def read(filename, skip, take):
+    records = tf.data.TFRecordDataset(filename).skip(skip).take(take)
+    ids = tf.data.Dataset.range(skip, skip + take).map(lambda index: tf.strings.join(
+        [tf.strings.split(filename, '/')[-1], '__', tf.strings.as_string(index)]))
+    return tf.data.Dataset.zip(records, ids)
+
+  return tf.data.Dataset.from_tensor_slices(_read(instructions)).flat_map(read)
+
+
 def _read(instructions):
   """tfds FileInstructions as constant tensors (filenames, records to skip, records to take)."""
   return (tf.constant([i.filename for i in instructions], tf.string),
@@ -286,7 +343,7 @@ def _read(instructions):
           tf.constant([i.take for i in instructions], tf.int64))
 
 
-def _train_records(instructions, shuffle: Shuffle, seed, start: int) -> tf.data.Dataset:
+def _train_records(instructions, shuffle: data_spec.Shuffle, seed, start: int) -> tf.data.Dataset:
   """The host's endless stream of serialized training examples from position `start` on.
 
   instructions: tfds FileInstructions of the host's share; seed: a stateless seed of the order.
@@ -313,9 +370,9 @@ def _train_records(instructions, shuffle: Shuffle, seed, start: int) -> tf.data.
 def train_batches(config, *, local_batch_size, seed, start_step, process_index, process_count):
   builder = _builder(config)
   image_key, label_key, _ = _keys(builder)
-  shuffle = SHUFFLE.get(config.shuffle)
+  shuffle = data_spec.SHUFFLE.get(config.shuffle)
   if shuffle is None:
-    raise ValueError(f'Unknown shuffle {config.shuffle!r}; valid: {list(SHUFFLE)}.')
+    raise errors.ConfigError(f'Unknown shuffle {config.shuffle!r}; valid: {list(data_spec.SHUFFLE)}.')
   # Equal shares keep the hosts' epochs in step; fewer than process_count examples are left out.
   host_split = tfds.even_splits(config.train_split, n=process_count,
                                 drop_remainder=True)[process_index]
@@ -339,7 +396,7 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), records)
   ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(AUTOTUNE)
-  return ds.as_numpy_iterator()
+  return _naming_undecodable_images(ds.as_numpy_iterator(), config, config.train_split)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,8 +405,8 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
 
 def eval_batches(config, *, local_batch_size, crops, process_index, process_count):
   ds = _eval_dataset(config, local_batch_size, crops, process_index, process_count)
-  return ({**batch, 'id': np.char.decode(batch['id'].astype(bytes), 'utf-8')}
-          for batch in ds.as_numpy_iterator())
+  return ({**batch, 'id': np.char.decode(batch['id'].astype(bytes), 'utf-8')} for batch in
+          _naming_undecodable_images(ds.as_numpy_iterator(), config, config.eval_split))
 
 
 def _eval_dataset(config, local_batch_size, crops, process_index, process_count):
@@ -361,13 +418,6 @@ def _eval_dataset(config, local_batch_size, crops, process_index, process_count)
   host_examples = sum(i.take for i in instructions)
   parse = _parser(builder, (image_key, label_key, id_key))
 
-  def read(filename, skip, take):
-    records = tf.data.TFRecordDataset(filename).skip(skip).take(take)
-    # Without an id feature, the id is TFDS's: "<file name>__<index in the file>".
-    ids = tf.data.Dataset.range(skip, skip + take).map(lambda index: tf.strings.join(
-        [tf.strings.split(filename, '/')[-1], '__', tf.strings.as_string(index)]))
-    return tf.data.Dataset.zip(records, ids)
-
   def preprocess(record, fallback_id):
     example = parse(record)
     return {'image': eval_image(example[image_key], config.image_size, crops),
@@ -375,8 +425,8 @@ def _eval_dataset(config, local_batch_size, crops, process_index, process_count)
             'mask': True,
             'id': example[id_key] if id_key else fallback_id}
 
-  ds = tf.data.Dataset.from_tensor_slices(_read(instructions)).flat_map(read)
-  ds = ds.map(preprocess, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = _records_with_ids(instructions).map(preprocess, num_parallel_calls=AUTOTUNE,
+                                           deterministic=True)
   num_batches = data_spec.num_eval_batches(num_examples, local_batch_size, process_count)
   padding = {'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False, 'id': ''}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(

@@ -30,6 +30,8 @@ import optax
 
 from bn_inception import checkpoints
 from bn_inception import data_spec
+from bn_inception import config_checks
+from bn_inception import errors
 from bn_inception import input_pipeline
 from bn_inception import models
 
@@ -195,12 +197,12 @@ def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.M
   """Fails early, with the numbers, on batches that cannot be split over devices or BN groups."""
   devices, hosts = mesh.devices.size, jax.process_count()
   if batch_size % devices:
-    raise ValueError(
+    raise errors.ConfigError(
         f'batch_size {batch_size} does not divide over {devices} devices ({hosts} host(s)). '
         f'Use a multiple of {devices}, e.g. --config.batch_size={devices * max(1, batch_size // devices)}.')
   if group_size is not None:
     if batch_size % group_size:
-      raise ValueError(
+      raise errors.ConfigError(
           f'batch_size {batch_size} does not divide into batch-norm groups of {group_size} '
           f'(model.bn_group_size). Use a multiple of {group_size}, or another bn_group_size.')
     per_device = batch_size // devices
@@ -252,7 +254,7 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
   _, restored = checkpoints.restore_latest(checkpoints.manager(init_from, read_only=True),
                                            only=('params', 'batch_stats'))
   if restored is None:
-    raise FileNotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
+    raise errors.NotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
   loaded, fresh = [], []
 
   def merge(collection):
@@ -272,7 +274,8 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
   logging.info('Initialised %d arrays from %s; %d stay fresh: %s', len(loaded), init_from,
                len(fresh), fresh[:10])
   if not loaded:
-    raise ValueError(f'Nothing in {init_from} matches this model: is it a bn_inception checkpoint?')
+    raise errors.InputFileError(
+        f'Nothing in {init_from} matches this model: is it a bn_inception checkpoint?')
   return state
 
 
@@ -380,32 +383,37 @@ def eval_variables(state: TrainState) -> dict:
 # The loop.
 # ------------------------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: Optional[list] = None) -> TrainState:
+                       devices: Optional[list] = None, *,
+                       start_over_if_unreadable: bool = False) -> TrainState:
   """Trains config's model in workdir, resuming from its newest checkpoint; returns the final state.
 
-  `devices` restricts the run to some devices (default: all of them).
+  `devices` restricts the run to some devices (default: all of them). A workdir whose checkpoints
+  all fail to read stops the run (checkpoints.resume) unless `start_over_if_unreadable`.
   """
   # --- Devices, data and model --------------------------------------------------------------
+  config_checks.check(config)
   mesh = make_mesh(devices)
   check_batch(config.batch_size, config.model.bn_group_size, mesh)
   info = input_pipeline.get_info(config.dataset)
-  if info.num_classes != config.model.num_classes:
-    raise ValueError(f'{config.dataset.name} has {info.num_classes} classes but '
-                     f'model.num_classes is {config.model.num_classes}.')
+  config_checks.check_num_classes(config, info)
   model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
-  os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_config(workdir, config)
-  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
-                             keep_every=config.keep_checkpoint_every_steps)
-  step, restored = checkpoints.restore_latest(mngr, target=state, set_aside_unreadable=True)
+  # Every check comes before the first write: a refused run changes no file in the workdir.
+  step, restored = checkpoints.resume(workdir, config, state,
+                                      start_over_if_unreadable=start_over_if_unreadable)
   if restored is not None:
     state = restored
-    logging.info('Resumed from the checkpoint at step %d in %s.', step, mngr.directory)
+    logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
   elif config.init_from:
     state = load_pretrained(state, config.init_from)
   step = int(state.step)
+  if step >= config.num_train_steps:
+    logging.warning('The run is at step %d, num_train_steps is %d: nothing to train (a larger '
+                    '--config.num_train_steps extends the run).', step, config.num_train_steps)
+  checkpoints.write_config(workdir, config)
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
+                             keep_every=config.keep_checkpoint_every_steps)
 
   local_batch = config.batch_size // jax.process_count()
   train_iter = global_batches(

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bn_inception import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
+from bn_inception import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/bn_x30.py', 'Config file (configs/bn_x30.py is the ImageNet network).')
@@ -63,4 +64,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -80,14 +80,20 @@ def _add(tar, name, data):
   tar.addfile(info, io.BytesIO(data))
 
 
-def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size=None):
+def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size=None,
+                   damaged=()):
   """Writes the two archives into manual_dir; returns {'train': {file: synset}, 'validation': ...}.
 
   `images_per_synset` and `size` ((height, width) of the ordinary images, with photo-like noise;
-  default: 40-100 pixels, smooth) make larger archives for measuring the input pipeline.
+  default: 40-100 pixels, smooth) make larger archives for measuring the input pipeline. The files
+  named in `damaged` are cut to their first half, as an interrupted download leaves them.
   """
   os.makedirs(manual_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
+
+  def add(tar, name, data):
+    _add(tar, name, data[:len(data) // 2] if name in damaged else data)
+
   manifest = {'train': {}, 'validation': {}}
   with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as train_tar:
     for synset in SYNSETS:
@@ -98,14 +104,14 @@ def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size
         names = odd + [name for name in plain if name not in odd][:images_per_synset - len(odd)]
         for name in names:
           kind, odd_size = ODD_TRAIN.get(name, ('rgb', None))
-          _add(tar, name, _encode(rng, kind, odd_size or size, noise=8.0 if size else 0.0))
+          add(tar, name, _encode(rng, kind, odd_size or size, noise=8.0 if size else 0.0))
           manifest['train'][name] = synset
       _add(train_tar, f'{synset}.tar', synset_tar.getvalue())
   val_synsets = _tfds_labels('validation_labels.txt')
   with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as val_tar:
     for i in range(1, NUM_VAL + 1):
       name = f'ILSVRC2012_val_{i:08d}.JPEG'
-      _add(val_tar, name, _encode(rng, *ODD_VAL.get(i, ('rgb', None))))
+      add(val_tar, name, _encode(rng, *ODD_VAL.get(i, ('rgb', None))))
       manifest['validation'][name] = val_synsets[i - 1]
   return manifest
 

@@ -16,6 +16,7 @@ import pytest
 
 from bn_inception import checkpoints
 from bn_inception import convert
+from bn_inception import errors
 from bn_inception import evaluate
 from bn_inception import models
 from configs import finetune_caffe
@@ -106,7 +107,7 @@ def test_command_writes_a_checkpoint_with_the_same_logits(port, tmp_path):
   model = models.from_config(config.model)
   assert_logits_close(forward(model, variables, config.input, rgb), port_logits)
 
-  with pytest.raises(FileExistsError, match='already holds checkpoints'):
+  with pytest.raises(errors.ConfigError, match="already holds checkpoints"):
     convert.convert(pth, workdir)
 
 

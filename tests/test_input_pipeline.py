@@ -421,7 +421,7 @@ def _stream(config, shuffle, seed, count):
   for file in sorted({i.filename for i in instructions}):
     for index, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
       stored[record] = (os.path.basename(file), index)
-  records = tfds_pipeline._train_records(instructions, tfds_pipeline.SHUFFLE[shuffle],
+  records = tfds_pipeline._train_records(instructions, data_spec.SHUFFLE[shuffle],
                                          tf.constant([seed, 0], tf.int64), 0)
   return [stored[record] for record in records.take(count).as_numpy_iterator()]
 

@@ -103,7 +103,7 @@ def test_resume_extend_and_corrupt_checkpoint_end_bitwise_equal_to_one_run(tmp_p
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
   recovered = train.train_and_evaluate(tiny_config(), str(crashed))
-  assert 'Checkpoint 4' in caplog.text and 'falling back to step 2' in caplog.text
+  assert 'Checkpoint 4' in caplog.text and 'using step 2 instead' in caplog.text
   assert_trees_equal(straight.params, recovered.params)
 
 
