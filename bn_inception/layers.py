@@ -78,7 +78,7 @@ def group_statistics(groups, one_pass: bool):
 
 
 def batch_norm(x, scale, bias, group_size, epsilon, one_pass, dtype):
-  """Training-mode BN of x [N, ..., C] in groups: (output in dtype, mean [G, C], variance [G, C])."""
+  """Training-mode BN of x [N, ..., C] in groups: (output in dtype, mean [G, C], var [G, C])."""
   groups = grouped(x.astype(jnp.float32), group_size)
   mean, var = group_statistics(groups, one_pass)
   y = ((groups - mean) * jax.lax.rsqrt(var + epsilon)).reshape(x.shape)

@@ -1,4 +1,4 @@
-r"""Is bfloat16 training numerically sound? Short real training runs in bfloat16 and float32, compared.
+r"""Is bfloat16 training numerically sound? Short real training runs in bfloat16 and float32.
 
   python -m bn_inception.precision_check --config=configs/bn_x5.py:digits --workdir=/tmp/precision \
       --config.model.width=1.0 --config.dataset.image_size=64 --config.batch_size=64 \
@@ -8,14 +8,14 @@ Trains the config four times with `train.train_and_evaluate` (the real loop: inp
 checkpoint, evaluation at the end): compute in float32 and in bfloat16, each with seeds 0 and 1 (the
 seed sets the initial weights and the order of the data). Prints one JSON line.
 
-The check passes when every run stays finite (a non-finite step stops training with an error), every
-run's loss falls (last logged interval below the first), and bfloat16 changes the loss curve less than
-a change of seed does: for each seed, the distance between the bfloat16 and float32 curves is at most
-the distance between the two float32 curves. A curve is the training loss averaged over each log
-interval; the distance of two curves is the mean absolute difference over the second half of the
-logged intervals (the first half is the initial transient, where runs from different initial weights
-differ most and the tolerance would be loosest). The tolerance is thus measured, in the same call, as
-the variation that training already has and that no one would call a numerical problem.
+The check passes when every run stays finite (a non-finite step stops training with an error),
+every run's loss falls (last logged interval below the first), and bfloat16 changes the loss curve
+less than a change of seed does: for each seed, the distance between the bfloat16 and float32 curves
+is at most the distance between the two float32 curves. A curve is the training loss averaged over
+each log interval; the distance of two curves is the mean absolute difference over the second half
+of the logged intervals (the first half is the initial transient, where runs from different initial
+weights differ most and the tolerance would be loosest). The tolerance is thus measured, in the same
+call, as the variation that training already has and that no one would call a numerical problem.
 """
 
 import json

@@ -1,6 +1,6 @@
 r"""The GPU check of issue 11: every GPU measurement in one call, one JSON line per step.
 
-  python3 scripts/gpu_check.py --out=$OUT                   # on the GPU machine (docs/benchmarks.md)
+  python3 scripts/gpu_check.py --out=$OUT                   # on the GPU machine (docs/benchmarks)
   python3 scripts/gpu_check.py --out=$OUT --only=flag_triton_gemm_off,optin_bn_fused
   python scripts/gpu_check.py --out=/tmp/smoke --smoke      # the same steps, tiny, on a CPU
   python scripts/gpu_check.py --report=results.jsonl        # the results as a markdown table
