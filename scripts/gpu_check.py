@@ -38,7 +38,10 @@ def main(argv):
   if not _OUT.value:
     raise app.UsageError('--out is required.')
   scratch = _SCRATCH.value or tempfile.mkdtemp(prefix='gpu_check_')
-  steps = gpu_check.select(gpu_check.plan(_SMOKE.value, scratch), _ONLY.value)
+  try:
+    steps = gpu_check.select(gpu_check.plan(_SMOKE.value, scratch), _ONLY.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   gpu_check.run(steps, _OUT.value, budget_s=_BUDGET.value, scratch=scratch)
 
 

@@ -127,7 +127,7 @@ def test_records_statuses_time_limits_and_budget(tmp_path, capsys):
           import subprocess, time
           child = subprocess.Popen(["sleep", "300"])
           open("{pid_file}", "w").write(str(child.pid))
-          time.sleep(300)''', limit_s=10),
+          time.sleep(300)''', limit_s=5),
   ]
   out = str(tmp_path / 'out')
   gpu_check.run(steps, out, budget_s=600, scratch=str(tmp_path / 'scratch'))
