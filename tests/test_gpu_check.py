@@ -27,7 +27,7 @@ TIMING_FIELDS = ('img_per_s', 'step_ms', 'compile_s', 'mfu', 'peak_memory_bytes'
                  'dtype', 'architecture')
 PEER_FIELDS = ('torch_img_per_s', 'torch_compile_s', 'torch_peak_memory_bytes', 'torch_version',
                'speedup_vs_torch', 'peer_same_architecture')
-PRECISION_FIELDS = ('passed', 'finite', 'loss_falls', 'agrees', 'tolerance', 'precision_distance',
+PRECISION_FIELDS = ('passed', 'finite', 'loss_falls', 'agrees', 'tolerance', 'difference', 'levels',
                     'runs')
 
 
@@ -158,24 +158,31 @@ def test_missing_packages_without_wheels_say_what_to_do(tmp_path, monkeypatch):
   assert gpu_check.install_wheels(str(tmp_path), str(tmp_path / 'site')) == []  # importable here
 
 
-def runs(f32, bf16, f32_other_seed, bf16_other_seed=None):
-  curves = {('float32', 0): f32, ('float32', 1): f32_other_seed, ('bfloat16', 0): bf16,
-            ('bfloat16', 1): bf16_other_seed or f32_other_seed}
-  return {precision_check.run_name(*k): {'loss': v, 'finite': all(x == x for x in v)}
-          for k, v in curves.items()}
+def runs(f32_levels, bf16_levels, **curves):
+  """Runs whose curves fall from 2.3 to the given levels (the mean of their second half)."""
+  levels = {('float32', s): v for s, v in enumerate(f32_levels)}
+  levels.update({('bfloat16', s): v for s, v in enumerate(bf16_levels)})
+  out = {}
+  for (dtype, seed), value in levels.items():
+    name = precision_check.run_name(dtype, seed)
+    curve = curves.get(name, [2.3, 1.5, value, value])
+    out[name] = {'loss': curve, 'finite': all(x == x for x in curve)}
+  return out
 
 
 def test_precision_verdict():
-  f32 = [2.3, 1.2, 0.8, 0.6, 0.5, 0.4]
-  other_seed = [2.4, 1.0, 0.9, 0.5, 0.6, 0.5]  # second half: |diff| 0.1 each: the tolerance
-  verdict = precision_check.compare(runs(f32, [x + 0.05 for x in f32], other_seed))
-  assert verdict['passed'] and verdict['tolerance'] == pytest.approx(0.1)
-  assert verdict['precision_distance'] == pytest.approx(0.05)
-  # bfloat16 further from float32 than another seed is: a numerical problem.
-  drifted = precision_check.compare(runs(f32, [x + 0.15 for x in f32], other_seed))
-  assert not drifted['passed'] and not drifted['agrees']
-  # A loss that does not fall, or a NaN, fails whatever the distances.
-  flat = precision_check.compare(runs(f32, f32, other_seed, bf16_other_seed=[2.3] * 6))
+  f32 = [0.40, 0.50, 0.45]  # standard deviation 0.05, as for bf16 below
+  # Two-sample t-test at 1%, 3 + 3 runs: t(0.995, 4 degrees of freedom) = 4.604 (a t table), so
+  # the tolerance is 4.604 * 0.05 * sqrt(2 / 3) = 0.188.
+  verdict = precision_check.compare(runs(f32, [0.52, 0.57, 0.62]))
+  assert verdict['tolerance'] == pytest.approx(0.188, abs=0.001)
+  assert verdict['difference'] == pytest.approx(0.12) and verdict['passed']
+  # bfloat16 further from float32 than the seeds allow, in either direction: a numerical problem.
+  for shift in (0.2, -0.2):
+    drifted = precision_check.compare(runs(f32, [x + shift for x in f32]))
+    assert not drifted['passed'] and not drifted['agrees'], shift
+  # A loss that does not fall, or a NaN, fails whatever the levels.
+  flat = precision_check.compare(runs(f32, f32, bfloat16_seed1=[0.5, 0.5, 0.5, 0.5]))
   assert not flat['passed'] and not flat['loss_falls']
-  nan = precision_check.compare(runs(f32, f32[:-1] + [float('nan')], other_seed))
-  assert not nan['passed'] and not nan['finite']
+  nan = precision_check.compare(runs(f32, f32, bfloat16_seed2=[2.3, 1.5, 0.4, float('nan')]))
+  assert not nan['passed'] and not nan['finite'] and not nan['agrees']
