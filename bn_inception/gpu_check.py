@@ -93,7 +93,7 @@ def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check') -> list[Step]:
       benchmark('network_b256', 120, port=False),
       # Evaluation, one centre crop (the training step's forward convolutions, autotuned already).
       *(benchmark(f'eval_b{b}', 90, '--mode=eval', batch=b) for b in (256, 128, 512)),
-      # bfloat16 training is sound: its loss curves against float32's.
+      # bfloat16 training is sound: the loss its runs reach against float32's.
       Step('precision', ('-m', 'bn_inception.precision_check',
                          f'--workdir={os.path.join(scratch, "precision")}',
                          *(PRECISION_SMOKE if smoke else PRECISION_GPU)),
@@ -102,7 +102,7 @@ def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check') -> list[Step]:
       # opt-in changes to it (docs/benchmarks.md predicts each) and the XLA flags, each against it
       # (the stem's against network_b256).
       benchmark('flags_plain', 60),
-      *(benchmark(name, 120, *args, port=port) for name, port, args in OPT_INS),
+      *(benchmark(name, 120, *args, port=port) for name, port, args in VARIANTS),
       *(benchmark(f'flag_{name}', 120, f'--xla_flags={flag}')
         for name, flag in XLA_FLAGS[:1 if smoke else None]),
       # The port at the other batch sizes (our side is read from the compilation cache).
@@ -111,9 +111,10 @@ def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check') -> list[Step]:
   ]
 
 
-# The opt-in switches of the model (docs/benchmarks.md, "Predictions"), largest predicted saving
-# first: (step, like_port, flags). The stem's are measured on the config's network (network_b256).
-OPT_INS = (
+# Variants of the step, each against a plain run of the same call (docs/benchmarks.md predicts
+# each): the model's opt-in switches, largest predicted saving first, the plain stem and whole-batch
+# BN. (step, like_port, flags); the stem's run on the config's network, against network_b256.
+VARIANTS = (
     ('optin_bn_fused_grad', True, ('--config.model.bn_fused_grad=true',)),
     ('optin_bn_fused_one_pass', True, ('--config.model.bn_fused_grad=true',
                                        '--config.model.bn_one_pass=true')),
