@@ -6,7 +6,6 @@ on CPU, the XLA flags it will pass, and the precision check's verdict. Timings a
 check to run before device time is spent.
 """
 
-import json
 import os
 import subprocess
 import sys
