@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean gpu-wheels
 
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,18 @@ demo: $(DEMO_STAMP)
 # them (tests/optional_deps.py).
 test: $(STAMP)
 	BN_INCEPTION_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q tests
+
+# The wheels a GPU machine of the `device` tool lacks (scripts/gpu_wheels.txt), for Python 3.12 on
+# x86-64 Linux, into .whl/ (git-ignored), which the device call carries: docs/benchmarks.md, "GPU check".
+GPU_WHEELS := scripts/gpu_wheels.txt
+PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+gpu-wheels:
+	rm -rf .whl
+	grep -v -e '^#' -e '^$$' -e '^pretrainedmodels==' $(GPU_WHEELS) | cut -d' ' -f1 | xargs \
+	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp $(PLATFORMS) -d .whl
+	grep -o '^pretrainedmodels==[^ ]*' $(GPU_WHEELS) | xargs $(PYTHON) -m pip wheel --quiet --no-deps -w .whl
+	ls -l .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache

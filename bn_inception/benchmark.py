@@ -256,8 +256,10 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   if profile_dir:
     with jax.profiler.trace(profile_dir):
       carry = time_steps(step_fn, carry, batch, 1)[0]
-    profile = {'profile_dir': profile_dir,
-               **profile_breakdown(profile_dir, compiled.as_text())}
+    hlo_text = compiled.as_text()
+    with open(os.path.join(profile_dir, 'step.hlo.txt'), 'w') as f:  # fusions, layouts, kernels
+      f.write(hlo_text)
+    profile = {'profile_dir': profile_dir, **profile_breakdown(profile_dir, hlo_text)}
 
   # --- FLOPs, MFU and memory -----------------------------------------------------------------
   device = jax.devices()[0]

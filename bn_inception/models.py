@@ -107,6 +107,10 @@ class BNInception(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   bn_group_size: Optional[int] = 32  # examples per BN statistic; None: the whole batch
+  # Opt-in ways to compute the same network faster on accelerators (docs/benchmarks.md):
+  bn_one_pass: bool = False  # BN's mean and variance from one pass over the activations
+  bn_fused_grad: bool = False  # BN's backward pass written out instead of autodiff's
+  fold_stem: bool = False  # the separable stem as one dense 7x7 convolution, same parameters
   dtype: Any = jnp.float32  # compute dtype; parameters, BN statistics and logits stay float32
   init_scale: float = 1.0  # multiplies the initial conv weights (the ensemble's "larger" init)
   # Caffe compatibility, for the converted Caffe-trained weights (bn_inception.convert):
@@ -122,13 +126,14 @@ class BNInception(nn.Module):
         layers.ConvUnit, use_bn=self.use_bn, conv_bias=self.conv_bias,
         activation=self.activation, symmetric_padding=self.symmetric_padding,
         bn_group_size=self.bn_group_size, bn_momentum=self.bn_momentum,
-        bn_epsilon=self.bn_epsilon, init_scale=self.init_scale, dtype=self.dtype)
+        bn_epsilon=self.bn_epsilon, bn_one_pass=self.bn_one_pass,
+        bn_fused_grad=self.bn_fused_grad, init_scale=self.init_scale, dtype=self.dtype)
     c = lambda n: scaled(n, self.width)
     x = images.astype(self.dtype)
 
     # Figure 5, first rows: the stem.
     x = conv(c(64), 7, 2, depthwise_multiplier=8 if self.separable_stem else None,
-             name='conv1')(x, train)                                      # 112 x 112 x 64
+             fold_separable=self.fold_stem, name='conv1')(x, train)       # 112 x 112 x 64
     x = layers.max_pool(x, 3, 2)                                          # 56 x 56 x 64
     if self.lrn:
       x = layers.local_response_norm(x)

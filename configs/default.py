@@ -43,6 +43,9 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       bn_momentum=0.9,
       bn_epsilon=1e-5,
       bn_group_size=ml_collections.FieldReference(32, field_type=object),  # None: whole batch
+      bn_one_pass=False,  # opt-in speed-ups, the same function (docs/benchmarks.md)
+      bn_fused_grad=False,
+      fold_stem=False,
       dtype='float32',
       init_scale=1.0,
       symmetric_padding=False,

@@ -186,6 +186,44 @@ def test_inception_branches_match_figure_5_columns(channels):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize('conv_bias, symmetric_padding', [(False, False), (True, True)])
+def test_folded_separable_convolution_is_the_same_function(conv_bias, symmetric_padding):
+  """`fold_separable` (the model's `fold_stem`): the stem's depthwise 7x7 + pointwise 1x1 as one
+  dense convolution of their product kernel. Same parameters (names, shapes, initial values), same
+  outputs and gradients; Caffe's padding and the port's biases too."""
+  unit = functools.partial(layers.ConvUnit, 16, 7, 2, depthwise_multiplier=8, bn_group_size=4,
+                           conv_bias=conv_bias, symmetric_padding=symmetric_padding)
+  separable, folded = unit(), unit(fold_separable=True)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 18, 18, 3)), jnp.float32)
+  variables = separable.init(jax.random.key(0), x, train=False)
+  jax.tree.map(np.testing.assert_array_equal, folded.init(jax.random.key(0), x, train=False),
+               variables)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=(4, 9, 9, 16)), jnp.float32)
+
+  def outputs(unit):
+    def loss(params, x):
+      y, _ = unit.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return jnp.sum(y * cotangent), y
+    grads, y = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+    return y, grads, unit.apply(variables, x, train=False)
+
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-4),
+               outputs(folded), outputs(separable))
+
+
+def test_fold_stem_makes_the_stem_one_convolution():
+  """The model's switch reaches conv1: one convolution fewer in the traced network, nothing else."""
+  def convolutions(model):
+    x = jnp.zeros((1, 64, 64, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    text = jax.jit(lambda v: model.apply(v, x, train=False)).lower(variables).as_text()
+    return text.count('stablehlo.convolution'), jax.tree.map(lambda a: a.shape, variables)
+
+  (plain, shapes), (folded, folded_shapes) = (
+      convolutions(models.BNInception(width=0.25, fold_stem=fold)) for fold in (False, True))
+  assert folded == plain - 1 and folded_shapes == shapes
+
+
 @pytest.mark.parametrize('channels, separable_stem, expected, millions', [
     ('paper', False, 11_285_224, 11.285),
     ('paper', True, 11_278_528, 11.279),
@@ -376,6 +414,55 @@ def test_batchnorm_eval_uses_population_statistics():
   # One example's output does not depend on the rest of the batch, nor on the batch size.
   y_alone = bn.apply(variables, x[5:6], train=False)
   np.testing.assert_allclose(y_alone, y[5:6], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('one_pass, fused_grad', [(True, False), (False, True), (True, True)])
+def test_batchnorm_opt_ins_compute_the_same_function_and_gradients(one_pass, fused_grad):
+  """The opt-in speed-ups (one-pass statistics, the written-out backward pass) change rounding
+  only: outputs, population statistics and the gradients of x, gamma and beta match the default."""
+  x = bn_inputs(8)  # halves with means 0 and 2: the one-pass variance must subtract E[x]^2
+  cotangent = jnp.asarray(np.random.default_rng(4).normal(size=x.shape), jnp.float32)
+
+  def outputs(bn):
+    variables = bn_variables(bn, x)
+
+    def loss(params, x):
+      y, updates = bn.apply({**variables, 'params': params}, x, train=True,
+                            mutable=['batch_stats'])
+      return jnp.sum(jnp.tanh(y) * cotangent), (y, updates)
+
+    grads, (y, updates) = jax.grad(loss, argnums=(0, 1), has_aux=True)(variables['params'], x)
+    return y, updates, grads
+
+  expected = outputs(layers.BatchNorm(group_size=4))
+  got = outputs(layers.BatchNorm(group_size=4, one_pass=one_pass, fused_grad=fused_grad))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-5), got, expected)
+
+
+def full_size_reductions(bn, shape):
+  """Reductions over whole activation tensors in BN's lowered forward and backward pass."""
+  x = jnp.zeros(shape, jnp.bfloat16)
+  variables = bn.init(jax.random.key(0), x, train=False)
+
+  def loss(params, x):
+    y, _ = bn.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(y.astype(jnp.float32))
+
+  text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(variables['params'], x).as_text()
+  shapes = ['x'.join(map(str, s)) + 'x' for s in (shape, (2, 4) + shape[1:])]  # grouped too
+  return sum('stablehlo.reduce' in line and any(s in line for s in shapes)
+             for line in text.splitlines())
+
+
+def test_batchnorm_fused_grad_reads_the_activations_fewer_times():
+  """What the opt-ins are for (docs/benchmarks.md): autodiff's backward pass reduces over the
+  activations five times; the written-out one twice (per-group sums of dy and dy * x_hat), and with
+  one-pass statistics the forward pass's two reductions read the same input (sibling reductions)."""
+  shape = (8, 3, 3, 5)
+  plain = full_size_reductions(layers.BatchNorm(group_size=4), shape)
+  fused = full_size_reductions(layers.BatchNorm(group_size=4, one_pass=True, fused_grad=True),
+                               shape)
+  assert fused == 4 and plain > fused
 
 
 # ----------------------------------------------------------------------------------------------
