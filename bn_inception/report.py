@@ -48,7 +48,7 @@ VARIANTS = (
 )
 BASELINE = 'Inception'  # the paper's target is its maximum (Figure 3)
 WINDOW = 3  # evaluations per moving average (the target and every crossing)
-PLATEAU_FRACTION = 1 / 3  # plateaued: the last third of a run's evaluations brought no new best
+PLATEAU_FRACTION = 1 / 4  # plateaued: the last quarter of a run brought no new best
 LENGTH_FIELDS = ('paper_steps', 'num_train_steps')  # a run may be shorter or longer than planned
 
 
@@ -409,7 +409,7 @@ def markdown(report: Report, figure: Optional[str] = 'figure2.png',
         + (', the median over its runs' if len(baseline) > 1 else '') + ') by the run\'s. '
         f'"Max accuracy" is the run\'s best {w}-evaluation average, "at step" where it was first '
         f'reached. The baseline\'s moving average '
-        + ('had plateaued (no new best in the last third of its run).'
+        + (f'had plateaued (no new best in the last {PLATEAU_FRACTION:.0%} of its run).'
            if report.baseline_plateaued else 'had not plateaued.'))
   else:
     definition = 'No target (below).'

@@ -203,14 +203,14 @@ def test_robust_target_on_a_noisy_curve(tmp_path):
   assert report.first_reaching(*report.moving_average(steps[:10], challenger, 3), target) == 800
 
 
-def test_plateau_is_no_new_best_in_the_last_third():
+def test_plateau_is_no_new_best_in_the_last_quarter():
   steps = np.arange(1, 13) * 100
   rising = np.linspace(0.5, 0.9, 12)
   assert not report.plateaued(steps, rising)
-  flat_after_800 = np.minimum(rising, rising[7])  # best first reached at 800 of 1200
-  assert report.plateaued(steps, flat_after_800)
-  flat_after_900 = np.minimum(rising, rising[8])  # 900 > 2/3 of 1200
-  assert not report.plateaued(steps, flat_after_900)
+  flat_after_900 = np.minimum(rising, rising[8])  # best first reached at 900 of 1200
+  assert report.plateaued(steps, flat_after_900)
+  flat_after_1000 = np.minimum(rising, rising[9])  # 1000 > 3/4 of 1200
+  assert not report.plateaued(steps, flat_after_1000)
 
 
 def test_variants_are_named_from_their_configs(tmp_path):
