@@ -185,6 +185,16 @@ def test_the_papers_numbers_are_paper_md_section_4_1(source, runs, tmp_path):
                           f'{31.0 / (number / 1e6):.1f}x' if number else '–', top], name
 
 
+def test_several_baseline_runs_set_the_lowest_best_as_the_target(tmp_path):
+  """Every baseline run reaches the target; the baseline's steps are the median of theirs."""
+  low = make_run(str(tmp_path), 'low', 'inception', every_100(0.5, 0.7, 0.8, 0.8, 0.8, 0.8))
+  high = make_run(str(tmp_path), 'high', 'inception', every_100(0.5, 0.8, 0.9, 0.9, 0.9, 0.9),
+                  seed=1)
+  rep = report.figure3(report.read_runs([low, high]))
+  assert rep.target == pytest.approx(0.8)  # low's best average, at 500; high's average reaches it at 400
+  assert [r.steps_to_target for r in rep.rows] == [500, 400] and rep.baseline_steps == 450
+
+
 def test_robust_target_on_a_noisy_curve(tmp_path):
   """One lucky evaluation moves the target by a third of its luck (window 3), not all of it, and
   a run above the target for one evaluation has not reached it."""
@@ -274,4 +284,5 @@ def test_command_line(runs, tmp_path):
   refused = subprocess.run(
       [sys.executable, '-m', 'bn_inception.report', runs['inception'], str(tmp_path)],
       cwd=tmp_path, env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, text=True)
-  assert refused.returncode != 0 and 'has no metrics.jsonl' in refused.stderr
+  assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+  assert f'Refused: {tmp_path} has no metrics.jsonl' in refused.stderr
