@@ -98,8 +98,9 @@ class Run:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl's records. A line still being written (no newline yet) is left for later; a
-  step logged again after a resume from an earlier checkpoint replaces the earlier record."""
+  """metrics.jsonl's records in order. A line still being written (no newline yet) is left for
+  later. A run resumed from an earlier checkpoint logs its steps again: the records it writes
+  replace everything logged after that checkpoint, which that run never continued."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -108,7 +109,8 @@ def read_metrics(workdir: str) -> list[dict]:
         '(each holds config.json, metrics.jsonl and checkpoints/).')
   with open(path) as f:
     text = f.read()
-  records = {}
+  order = lambda m: (m['step'], 'eval_top1' in m)  # a step's training log, then its evaluation
+  records = []
   for number, line in enumerate(text[:text.rfind('\n') + 1].splitlines(), 1):
     if not line.strip():
       continue
@@ -116,8 +118,10 @@ def read_metrics(workdir: str) -> list[dict]:
       m = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f'{path}, line {number}, is not JSON ({e}): {line[:80]!r}') from e
-    records[m['step'], 'eval_top1' in m] = m  # an evaluation and a training log share a step
-  return [records[k] for k in sorted(records)]
+    while records and order(records[-1]) >= order(m):  # resumed: drop what it did not continue
+      records.pop()
+    records.append(m)
+  return records
 
 
 def paper_step(record: dict, batch_size: int) -> int:

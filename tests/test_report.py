@@ -256,16 +256,17 @@ def test_refusals_and_notes(runs, tmp_path):
 
 
 def test_metrics_of_a_resumed_run_and_a_line_being_written(tmp_path):
-  """A step logged again after resuming from an earlier checkpoint replaces the first record; a
-  last line without its newline (being written) is left for the next read."""
-  workdir = make_run(str(tmp_path), 'r', 'inception', every_100(0.1, 0.2, 0.3))
+  """A run that crashed after step 500 and resumed from its checkpoint at 200 logs 300 and 400
+  again: what it logs replaces everything after 200 (500 included); a last line without its
+  newline (being written) is left for the next read."""
+  workdir = make_run(str(tmp_path), 'r', 'inception', every_100(0.1, 0.2, 0.3, 0.4, 0.5))
   with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
     f.write(json.dumps({'step': 300, 'eval_top1': 0.35, 'eval_examples': 360}) + '\n')
-    f.write(json.dumps({'step': 400, 'eval_top1': 0.4, 'eval_examples': 360}) + '\n')
+    f.write(json.dumps({'step': 400, 'eval_top1': 0.45, 'eval_examples': 360}) + '\n')
     f.write('{"step": 500, "eval_to')
   run = report.read_run(workdir)
   assert run.steps.tolist() == [100, 200, 300, 400]
-  assert run.top1.tolist() == [0.1, 0.2, 0.35, 0.4]
+  assert run.top1.tolist() == [0.1, 0.2, 0.35, 0.45] and run.trained == 400
 
 
 def test_log_scale_when_steps_span_decades():
