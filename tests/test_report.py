@@ -79,6 +79,13 @@ def runs(tmp_path_factory):
   }
 
 
+@pytest.fixture(scope='module')
+def written(runs, tmp_path_factory):
+  """(report, output folder) of write_report on the runs above."""
+  output = tmp_path_factory.mktemp('report')
+  return report.write_report(list(runs.values()), str(output)), output
+
+
 def figure3_cells(text: str) -> dict[str, list[str]]:
   """{run: its cells after the first} of report.md's Figure 3 table (9 columns)."""
   rows = [[c.strip() for c in line.strip('|').split('|')] for line in text.splitlines()
@@ -115,9 +122,9 @@ def test_figure3_from_handwritten_runs(runs):
       'not yet: 500 of its planned 2,000 steps (25%)')
 
 
-def test_report_md_and_figure(runs, tmp_path):
-  rep = report.write_report(list(runs.values()), str(tmp_path))
-  text = (tmp_path / 'report.md').read_text()
+def test_report_md_and_figure(written):
+  rep, output = written
+  text = (output / 'report.md').read_text()
   table = figure3_cells(text)
   assert '| Steps to 83.3% |' in text  # the target, in the header
   assert table['BN-x5 seed 0'][:3] == ['400', '1.8x', '90.0%']  # 700 / 400 = 1.75
@@ -125,7 +132,7 @@ def test_report_md_and_figure(runs, tmp_path):
   assert table['BN-Baseline'][4] == 'not yet: 500 of its planned 2,000 steps (25%)'
   assert 'BN-x5 (2 runs): steps to the target 400–600' in text  # the seed-to-seed spread
   assert '3 consecutive evaluations' in text  # the definition of the target is stated
-  png = tmp_path / 'figure2.png'
+  png = output / 'figure2.png'
   with Image.open(png) as image:
     assert image.format == 'PNG' and image.size[0] >= 600
   # Same data, a plateaued baseline; the batch-64 run evaluated every 200 paper steps.
@@ -161,7 +168,7 @@ def parse_paper_md(path: pathlib.Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.mark.parametrize('source', ['written out', 'paper.md'])
-def test_the_papers_numbers_are_paper_md_section_4_1(source, runs, tmp_path):
+def test_the_papers_numbers_are_paper_md_section_4_1(source, written):
   if source == 'paper.md':
     path = paper_md()
     if path is None:
@@ -176,8 +183,7 @@ def test_the_papers_numbers_are_paper_md_section_4_1(source, runs, tmp_path):
     assert paper.steps_to_target == as_number(steps), name
     assert f'{100 * paper.max_accuracy:.1f}%' == top, name
   # And the report shows them in each variant's row, with the ratio to Inception's 31.0M.
-  report.write_report(list(runs.values()), str(tmp_path))
-  table = figure3_cells((tmp_path / 'report.md').read_text())
+  table = figure3_cells((written[1] / 'report.md').read_text())
   for name, (steps, top) in expected.items():
     number = as_number(steps)
     cells = table.get(name) or table[f'{name} seed 0']
