@@ -38,7 +38,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import logging
 import flax

@@ -257,8 +257,11 @@ def test_refusals_and_notes(runs, tmp_path):
   rep = report.figure3(report.read_runs([rising]))
   assert rep.target == pytest.approx(0.6) and not rep.baseline_plateaued
   assert any('target may still rise' in n for n in rep.notes)
-  rep = report.figure3(report.read_runs([runs['bn_x5']]))
+  just_started = make_run(str(tmp_path), 'started', 'bn_x5', every_100(0.3, 0.5), planned=1000)
+  rep = report.figure3(report.read_runs([runs['bn_x5'], just_started]))
   assert rep.target is None and any('No Inception run' in n for n in rep.notes)
+  assert any('Fewer than 3 evaluations yet' in n and just_started in n for n in rep.notes)
+  assert rep.rows[1].max_accuracy is None  # shown, without an average yet
 
 
 def test_metrics_of_a_resumed_run_and_a_line_being_written(tmp_path):
