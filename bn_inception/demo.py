@@ -1,25 +1,36 @@
 """The paper in miniature on a CPU, in minutes: what `make demo` (scripts/demo.py) runs.
 
-Trains the five variants of paper section 4.2.2 at the `:digits` scale of their own configs
-(train.train_and_evaluate), evaluates each final checkpoint (evaluate.evaluate_checkpoint),
-ensembles the four BN runs (ensemble.ensemble_files), runs the Figure 1 experiment (mlp.py), and
-writes into one folder:
+The five variants of paper section 4.2.2 at the `:digits` scale of their own configs
+(train.train_and_evaluate), under the paper's protocol (Figure 3):
 
-  results.md            Figure 3's table from these runs, the settings, and what they show
-  figure2_accuracy.png  test accuracy against training steps, one curve per variant (Figure 2)
-  figure1_mlp.png       the sigmoid MLP with and without BN (Figure 1 a, b, c)
-  runs/<variant>/       each run's workdir (checkpoints, config.json, metrics.jsonl) and test.npz
-  ensemble.npz          the ensemble's predictions
+  1. Inception, the baseline, trains until its test accuracy stops improving: until its moving
+     average over report.WINDOW evaluations has had no new best for the last
+     report.PLATEAU_FRACTION of its run (report.plateaued), within BASELINE_BUDGET steps.
+  2. The target is its best moving average (report.figure3: the lowest over its seeds).
+  3. Each other variant trains for the paper's length for it relative to Inception's (15M or 6M
+     steps of 31M, configs/*.py), times the baseline's steps to the target; report.figure3 reads
+     off where its own moving average first reaches the target, as the paper did (its BN-x30 went
+     on to 6M steps after reaching the target at 2.7M).
+  4. Every variant with each of SEEDS, for the spread.
+
+Then it evaluates the BN runs' final checkpoints (evaluate.evaluate_checkpoint), ensembles them
+(ensemble.ensemble_files), runs the Figure 1 experiment (mlp.py), and writes into one folder:
+
+  results.md             the protocol, Figure 3's table, what the runs show claim by claim, settings
+  report.md, figure2.png what `python -m bn_inception.report runs/*` writes (bn_inception/report.py:
+                         Figure 3's table beside the paper's numbers; Figure 2)
+  figure1_mlp.png        the sigmoid MLP with and without BN (Figure 1 a, b, c)
+  runs/<variant>_seed<k>/ each run's workdir (checkpoints, config.json, metrics.jsonl), test.npz
+  ensemble.npz           the ensemble's predictions
 
 Every number in results.md comes from the run; the paper's appear only as the claims checked.
 """
 
 import contextlib
-import dataclasses
 import datetime
 import importlib
-import json
 import logging as std_logging
+import math
 import os
 import platform
 import shutil
@@ -27,7 +38,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from absl import logging
 import flax
@@ -39,187 +50,130 @@ from bn_inception import ensemble
 from bn_inception import evaluate
 from bn_inception import mlp
 from bn_inception import predictions
+from bn_inception import report
 from bn_inception import train
 
-# (paper name, config module), in the order of the paper's Figure 3.
-VARIANTS = (
-    ('Inception', 'inception'),
-    ('BN-Baseline', 'bn_baseline'),
-    ('BN-x5', 'bn_x5'),
-    ('BN-x30', 'bn_x30'),
-    ('BN-x5-Sigmoid', 'bn_x5_sigmoid'),
-)
-BASELINE = 'Inception'  # its best accuracy is the target the others race to (Figure 3)
-
-# --quick: the whole pipeline at a size where compilation is nearly all the time (tests).
-QUICK = dict(width=0.125, batch_size=32, steps=10, eval_every=5, mlp_steps=2000, mlp_eval_every=200)
+BASELINE = report.BASELINE
+SEEDS = (0, 1)  # initialisation and data order
+# Inception's first run and its cap, in (paper) steps of 32 images: at least the previous demo's
+# length, at most about what the time allows.
+BASELINE_FIRST, BASELINE_BUDGET = 600, 3000
 MLP_STEPS, MLP_EVAL_EVERY = 50_000, 500  # the paper's Figure 1 length
 
-Curve = Sequence[tuple[int, float]]  # (step, test top-1), in step order
+# --quick: the whole pipeline at a size where compilation is nearly all the time (tests): one seed,
+# a baseline extended once.
+QUICK = dict(width=0.125, eval_every=5, baseline_first=15, baseline_budget=20, seeds=(0,),
+             mlp_steps=2000, mlp_eval_every=200)
 
 
 # ------------------------------------------------------------------------------------------------
-# Figure 3's numbers: pure functions of the evaluation curves.
+# The protocol.
 # ------------------------------------------------------------------------------------------------
-def steps_to_target(curve: Curve, target: float) -> Optional[int]:
-  """The first evaluated step whose accuracy reaches `target`; None if none does."""
-  return next((step for step, accuracy in curve if accuracy >= target), None)
-
-
-def best(curve: Curve) -> tuple[float, int]:
-  """(maximum accuracy, the first step at which it was reached)."""
-  top = max(accuracy for _, accuracy in curve)
-  return top, steps_to_target(curve, top)
-
-
-def figure3(curves: dict[str, Curve], baseline: str = BASELINE) -> tuple[float, list[dict]]:
-  """(target, rows): the target is the baseline's best accuracy; a row per curve with
-  name, steps_to_target (None: never), max_accuracy, max_step."""
-  target, _ = best(curves[baseline])
-  rows = []
-  for name, curve in curves.items():
-    top, top_step = best(curve)
-    rows.append(dict(name=name, steps_to_target=steps_to_target(curve, target), max_accuracy=top,
-                     max_step=top_step))
-  return target, rows
-
-
-# ------------------------------------------------------------------------------------------------
-# Configs and runs.
-# ------------------------------------------------------------------------------------------------
-def variant_config(module: str, quick: bool = False,
-                   steps: Optional[int] = None) -> ml_collections.ConfigDict:
-  """configs/<module>.py:digits, shrunk for --quick, optionally with another training length."""
+def variant_config(module: str, seed: int, quick: bool = False) -> ml_collections.ConfigDict:
+  """configs/<module>.py:digits with this seed, shrunk for --quick; checkpoints only where each
+  call of train_to ends."""
   c = importlib.import_module(f'configs.{module}').get_config('digits')
+  c.seed = seed
   if quick:
     c.model.width = QUICK['width']
-    c.batch_size = QUICK['batch_size']
-    steps = steps or QUICK['steps']
     c.eval_every_steps = c.log_every_steps = QUICK['eval_every']
-  if steps:
-    c.paper_steps = steps * c.batch_size // train.PAPER_BATCH  # num_train_steps follows
-    c.checkpoint_every_steps = min(c.checkpoint_every_steps, steps)
+  c.checkpoint_every_steps = 10 ** 9
   return c
 
 
-@dataclasses.dataclass
-class VariantRun:
-  name: str
-  module: str
-  config: ml_collections.ConfigDict
-  workdir: str
-  curve: list[tuple[int, float]]  # training's evaluations: (step, test top-1)
-  final_top1: float  # evaluate_checkpoint on the final checkpoint
-  img_per_s: float  # median over the logged intervals, compilation excluded
-  wall_s: float  # training, evaluation and the predictions file, compilation included
+def eval_every(config: ml_collections.ConfigDict) -> int:
+  """The evaluation interval in paper steps."""
+  return config.eval_every_steps * config.batch_size // train.PAPER_BATCH
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
-
-
-def run_variant(name: str, module: str, config: ml_collections.ConfigDict, workdir: str,
-                devices: Sequence) -> VariantRun:
-  """Trains, evaluates the final checkpoint and writes its predictions (workdir/test.npz)."""
-  start = time.perf_counter()
+def train_to(config: ml_collections.ConfigDict, workdir: str, paper_steps: int,
+             devices: Sequence) -> report.Run:
+  """Trains the run in workdir up to `paper_steps`, resuming where it stopped (train.py continues
+  exactly as one longer run would), and reads it back."""
+  config.paper_steps = paper_steps  # num_train_steps follows
   train.train_and_evaluate(config, workdir, devices=list(devices))
-  p = evaluate.evaluate_checkpoint(config, workdir, mesh=train.make_mesh(list(devices)))
-  predictions.save(os.path.join(workdir, 'test.npz'), p)
-  wall = time.perf_counter() - start
-  metrics = read_metrics(workdir)
-  curve = [(m['step'], m['eval_top1']) for m in metrics if 'eval_top1' in m]
-  rates = [m['img_per_s'] for m in metrics if 'img_per_s' in m]
-  return VariantRun(name, module, config, workdir, curve, predictions.accuracy(p)['top1'],
-                    statistics.median(rates) if rates else float('nan'), wall)
+  return report.read_run(workdir)
+
+
+def train_baseline(config: ml_collections.ConfigDict, workdir: str, devices: Sequence,
+                   first: int, budget: int) -> report.Run:
+  """Trains until the run's moving average plateaus (report.plateaued) or for `budget` steps. Each
+  extension is the shortest that could show the plateau: to the best's step / (1 - fraction)."""
+  every, steps = eval_every(config), first
+  while True:
+    run = train_to(config, workdir, steps, devices)
+    averages = report.averaged(run, report.WINDOW)
+    if steps >= budget or report.plateaued(*averages):
+      return run
+    needed = report.best(*averages)[1] / (1 - report.PLATEAU_FRACTION)
+    steps = min(budget, max(steps + every, every * math.ceil(needed / every)))
+
+
+def race_length(variant: str, baseline_steps: float, every: int) -> int:
+  """The paper's training length for `variant` relative to Inception's (configs at ImageNet scale)
+  times the miniature baseline's steps to the target, in whole evaluation intervals, at least one
+  moving average's."""
+  paper = report.variant_configs('imagenet')
+  steps = baseline_steps * paper[variant].paper_steps / paper[BASELINE].paper_steps
+  return every * max(report.WINDOW, math.ceil(steps / every))
 
 
 # ------------------------------------------------------------------------------------------------
 # Progress: one status line while the runs train.
 # ------------------------------------------------------------------------------------------------
 class Progress:
-  """Which variant, its step, its latest test accuracy, elapsed time and time left, on stderr.
+  """Which run, its step, its latest test accuracy and the time, on stderr.
 
   train_and_evaluate's loop cannot be hooked from outside and its absl log is silenced during the
   demo, but it appends to WORKDIR/metrics.jsonl as it goes: a thread polls that file. On a terminal
-  the line is rewritten in place; otherwise a line is printed per evaluation.
+  the line is rewritten in place; otherwise a line is printed every `print_every_s` seconds.
   """
 
-  def __init__(self, num_variants: int, stream=None, poll_s: float = 0.5):
+  def __init__(self, num_runs: int, stream=None, poll_s: float = 0.5, print_every_s: float = 30):
     self.stream = stream or sys.stderr
     self.tty = getattr(self.stream, 'isatty', lambda: False)()
-    self.num_variants, self.poll_s = num_variants, poll_s
+    self.num_runs, self.poll_s, self.print_every_s = num_runs, poll_s, print_every_s
     self.start = time.perf_counter()
-    self.durations: list[float] = []  # finished variants' wall time
     self._lock = threading.Lock()
 
   def _write(self, text: str, final: bool) -> None:
     with self._lock:
-      if self.tty:
-        self.stream.write('\r\x1b[K' + text + ('\n' if final else ''))
-      elif final:
-        self.stream.write(text + '\n')
+      self.stream.write(('\r\x1b[K' if self.tty else '') + text +
+                        ('\n' if final or not self.tty else ''))
       self.stream.flush()
 
   def message(self, text: str) -> None:
     self._write(text, final=True)
 
+  def elapsed(self) -> str:
+    return f'{train.format_seconds(time.perf_counter() - self.start)} elapsed'
+
   @contextlib.contextmanager
-  def variant(self, index: int, name: str, workdir: str, num_steps: int, batch_size: int):
-    state = dict(start=time.perf_counter(), step=0, top1=None, s_per_step=None, overhead=None,
-                 offset=0)
-    label = f'[{index + 1}/{self.num_variants}] {name}'
-    path = os.path.join(workdir, 'metrics.jsonl')
-
-    def poll():
-      if not os.path.exists(path):
-        return
-      with open(path) as f:
-        f.seek(state['offset'])
-        text = f.read()
-      complete = text[:text.rfind('\n') + 1]  # a line still being written waits for the next poll
-      state['offset'] += len(complete.encode())
-      for line in complete.splitlines():
-        m = json.loads(line)
-        state['step'] = m['step']
-        if 'img_per_s' in m:
-          state['s_per_step'] = batch_size / m['img_per_s']
-          if state['overhead'] is None:  # compilation and start-up, before the first step
-            state['overhead'] = (time.perf_counter() - state['start'] -
-                                 m['step'] * state['s_per_step'])
-        if 'eval_top1' in m:
-          state['top1'] = m['eval_top1']
-          if not self.tty:
-            self._write(status(), final=True)
-
-    def eta() -> Optional[float]:
-      now = time.perf_counter() - state['start']
-      if state['s_per_step'] is not None:
-        this_run = state['overhead'] + num_steps * state['s_per_step']
-      elif self.durations:
-        this_run = statistics.mean(self.durations)
-      else:
-        return None
-      per_run = statistics.mean(self.durations) if self.durations else this_run
-      return max(this_run - now, 0) + (self.num_variants - index - 1) * per_run
+  def run(self, index: int, label: str, workdir: str, goal: str):
+    """Shows `label`'s progress while the block trains it; `goal`: e.g. 'of 300'."""
+    prefix = f'[{index + 1}/{self.num_runs}] {label}'
 
     def status() -> str:
-      parts = [label]
-      parts.append(f'step {state["step"]}/{num_steps}' if state['step'] else 'compiling')
-      if state['top1'] is not None:
-        parts.append(f'test top-1 {100 * state["top1"]:.1f}%')
-      left = eta()
-      parts.append(f'{train.format_seconds(time.perf_counter() - self.start)} elapsed' +
-                   (f', ~{train.format_seconds(left)} left' if left is not None else ''))
-      return '  '.join(parts)
+      try:
+        records = report.read_metrics(workdir)
+      except FileNotFoundError:
+        records = []
+      evals = [m for m in records if 'eval_top1' in m]
+      parts = [prefix, f'step {records[-1]["step"]} {goal}' if records else 'compiling']
+      if evals:
+        parts.append(f'test top-1 {100 * evals[-1]["eval_top1"]:.1f}%')
+      return '  '.join(parts + [self.elapsed()])
 
     stop = threading.Event()
 
     def loop():
+      last_print = time.perf_counter()
       while not stop.wait(self.poll_s):
-        poll()
         if self.tty:
           self._write(status(), final=False)
+        elif time.perf_counter() - last_print >= self.print_every_s:
+          self._write(status(), final=False)
+          last_print = time.perf_counter()
 
     thread = threading.Thread(target=loop, daemon=True)
     thread.start()
@@ -228,63 +182,29 @@ class Progress:
     finally:
       stop.set()
       thread.join()
-      poll()
-    self.durations.append(time.perf_counter() - state['start'])
-    self._write(f'{label}: {num_steps} steps, final test top-1 {100 * (state["top1"] or 0):.1f}%, '
-                f'{train.format_seconds(self.durations[-1])}', final=True)
 
 
 @contextlib.contextmanager
 def quiet_absl():
-  """Only warnings from the library, none from Orbax (it warns about read-only managers)."""
+  """Only warnings from the library, none from Orbax (it warns about read-only managers), and not
+  the expected one of each extension (train_to: a longer num_train_steps than the saved config)."""
   absl_logger = std_logging.getLogger('absl')  # filters here apply whichever handler prints
-  only_ours = lambda record: 'orbax' not in record.pathname or record.levelno >= std_logging.ERROR
+  ours = lambda record: (('orbax' not in record.pathname or record.levelno >= std_logging.ERROR)
+                         and 'differs from the saved one in: num_train_steps' not in
+                         record.getMessage())
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)
-  absl_logger.addFilter(only_ours)
+  absl_logger.addFilter(ours)
   try:
     yield
   finally:
-    absl_logger.removeFilter(only_ours)
+    absl_logger.removeFilter(ours)
     logging.set_verbosity(verbosity)
 
 
 # ------------------------------------------------------------------------------------------------
-# Figures.
+# Figure 1
 # ------------------------------------------------------------------------------------------------
-def plot_figure2(runs: Sequence[VariantRun], target: float, rows: Sequence[dict],
-                 path: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  batch = runs[0].config.batch_size
-  fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-  for run, row in zip(runs, rows):
-    steps, accuracy = zip(*run.curve)
-    line, = ax.plot(steps, accuracy, marker='.', label=run.name)
-    if row['steps_to_target'] is not None:
-      ax.plot([row['steps_to_target']], [target], marker='*', markersize=13, color=line.get_color(),
-              markeredgecolor='black', zorder=3)
-  ax.axhline(target, color='gray', linestyle=':', linewidth=1)
-  ax.annotate(f"{BASELINE}'s maximum {100 * target:.1f}% (stars: steps to reach it)",
-              (0.01, target), xycoords=('axes fraction', 'data'), va='bottom', fontsize=8,
-              color='dimgray')
-  ax.set_ylabel('test top-1 accuracy (360 digits)')
-  ax.set_ylim(0, 1.02)
-  if batch == train.PAPER_BATCH:
-    ax.set_xlabel('training steps of 32 images (= paper steps)')
-  else:
-    ax.set_xlabel(f'training steps of {batch} images')
-    top = ax.secondary_xaxis('top', functions=(lambda s: s * batch / 32, lambda p: p * 32 / batch))
-    top.set_xlabel('paper steps (images / 32)')
-  ax.grid(alpha=0.3)
-  ax.legend(loc='lower right')
-  ax.set_title('Figure 2 in miniature: the five variants on digits', fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
-
-
 def plot_figure1(without_bn: mlp.Curves, with_bn: mlp.Curves, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -318,102 +238,105 @@ def plot_figure1(without_bn: mlp.Curves, with_bn: mlp.Curves, path: str) -> None
 # ------------------------------------------------------------------------------------------------
 # results.md
 # ------------------------------------------------------------------------------------------------
-def pct(x: float) -> str:
-  return f'{100 * x:.1f}%'
+pct, fmt_steps = report.pct, report.fmt_steps
 
 
-# Why a claim may not show on digits, and which setting would be expected to show it.
+def verdict(shown: bool) -> str:
+  return 'shown' if shown else 'not shown'
+
+
+# Why a speed claim may not show on digits, and which setting would be expected to show it.
 SATURATED = (
-    'On digits every variant ends within a few points of 100%, where one test image is 0.28 points '
-    'and the target is a single evaluation of a noisy curve: which run first reaches it is decided '
-    'by noise as much as by speed (the early-training line above compares speed without a '
-    'threshold). Expected to show it: a task the networks do not saturate within the run, such as '
-    'the paper\'s own (`configs/inception.py` and the BN configs on ImageNet).')
+    'On digits the networks end within a few points of 100%, where one test image is 0.28 points: '
+    'the target sits where the variants\' plateaus differ by a few images, so "reaching it" '
+    'measures the height of a plateau as much as the speed of the climb (Figure 2 and the line on '
+    'early training compare the speed). Expected to show it: a task the networks do not saturate, '
+    'such as the paper\'s own (`configs/*.py` on ImageNet).')
 
 
-def findings(runs: dict[str, VariantRun], target: float, rows: dict[str, dict],
-             ensemble_rows: Sequence[dict], without_bn: mlp.Curves,
-             with_bn: mlp.Curves) -> list[str]:
+def findings(rep: report.Report, lengths: dict[str, int], ensemble_rows: Sequence[dict],
+             without_bn: mlp.Curves, with_bn: mlp.Curves) -> list[str]:
   """What these runs show about each of the paper's claims, computed from them; for a claim they do
   not show, the setting that would be expected to."""
-  last = runs[BASELINE].curve[-1][0]
-  base_steps = rows[BASELINE]['max_step']
-  verdict = lambda shown: 'shown.' if shown else 'not shown.'
+  rows = {name: [r for r in rep.rows if r.run.variant == name] for name, _ in report.VARIANTS}
+  target, base = rep.target, rep.baseline_steps
   out = []
 
-  def reached(name):
-    s = rows[name]['steps_to_target']
-    if s is None:
-      return f'{name} never reached it in {last} steps (best {pct(rows[name]["max_accuracy"])})'
-    return f'{name} reached it at step {s}, {base_steps / s:.1f}x fewer steps than {BASELINE}'
+  def crossings(name) -> str:
+    return ', '.join(fmt_steps(r.steps_to_target) for r in rows[name])
 
-  epochs = last * runs[BASELINE].config.batch_size / 1437
+  def all_within(name, limit) -> bool:
+    return all(r.steps_to_target is not None and r.steps_to_target <= limit for r in rows[name])
+
+  plateaus = '; '.join(
+      f'{r.run.label}: {"plateaued" if report.plateaued(*report.averaged(r.run, rep.window)) else "stopped at its budget"} '
+      f'after {fmt_steps(r.run.trained)} steps, best average {pct(r.max_accuracy)} at step '
+      f'{fmt_steps(r.max_step)}' for r in rows[BASELINE])
+  out.append(f'**The target.** {plateaus}. The target is {pct(target)}, reached by {BASELINE} '
+             f'after {fmt_steps(base)} steps (the paper: 72.2% after 31.0M).')
+
+  modified = lengths['BN-x5']
+  at = lambda name, step: [float(r.run.top1[r.run.steps == step][0]) for r in rows[name]
+                           if step in r.run.steps]
+  early = ', '.join(f'{name} {"/".join(pct(a) for a in at(name, modified))}'
+                    for name, _ in report.VARIANTS)
+  faster_early = all(min(at(name, modified)) > max(at(BASELINE, modified))
+                     for name in ('BN-Baseline', 'BN-x5'))
+  out.append(f'**BN trains faster** (Figure 2; the paper\'s BN-x30 "trains somewhat slower '
+             f'initially"). Test top-1 at step {fmt_steps(modified)}, the modified variants\' '
+             f'whole run (each seed): {early}. Every BN-Baseline and BN-x5 run above every '
+             f'{BASELINE} run: {verdict(faster_early)}.')
+
+  shown = all_within('BN-Baseline', base / 2)
   out.append(
-      f'**Target.** {BASELINE} (no BN) reached its maximum test accuracy, {pct(target)}, at step '
-      f'{base_steps} of {last}.' + (
-          f' It was still improving at its last evaluation: the paper trained it to its peak (31M '
-          f'steps, about 774 epochs), this run for {epochs:.0f} epochs.'
-          if base_steps == last else ''))
+      f'**BN-Baseline matches {BASELINE} in less than half the steps** (paper: 13.3M vs 31.0M). '
+      f'Steps to {pct(target)}: {crossings("BN-Baseline")} (half of {BASELINE}\'s: '
+      f'{fmt_steps(base / 2)}; it trained {fmt_steps(lengths["BN-Baseline"])}, the paper\'s 15M '
+      f'of 31M): {verdict(shown)}.' + ('' if shown else ' ' + SATURATED))
 
-  quarter = len(runs[BASELINE].curve) // 4 - 1
-  step_q = runs[BASELINE].curve[max(quarter, 0)][0]
-  early = ', '.join(f'{name} {pct(dict(r.curve).get(step_q, float("nan")))}'
-                    for name, r in runs.items())
-  mean = ', '.join(f'{name} {pct(np.mean([a for _, a in r.curve]))}' for name, r in runs.items())
-  out.append(f'**Early training** (Figure 2). Test top-1 at step {step_q}, a quarter of the run: '
-             f'{early}. Mean over all evaluations: {mean}.')
-
-  s = rows['BN-Baseline']['steps_to_target']
-  shown = s is not None and s <= base_steps / 2
+  shown = all_within('BN-x5', base)
+  ratios = ', '.join(report.ratio(base, r.steps_to_target) for r in rows['BN-x5'])
   out.append(
-      f'**BN-Baseline matches Inception in less than half the steps** (paper: 13.3M vs 31.0M). '
-      f'{reached("BN-Baseline")}: {verdict(shown)}' + ('' if shown else ' ' + SATURATED))
+      f'**BN-x5 needs 14 times fewer steps than {BASELINE}.** Steps to {pct(target)}: '
+      f'{crossings("BN-x5")}, within its {fmt_steps(modified)} (the paper\'s 6M of 31M; ratio '
+      f'{ratios}; the paper 14.8x): {verdict(shown)}.' + ('' if shown else ' ' + SATURATED))
 
-  s = rows['BN-x5']['steps_to_target']
-  shown = s is not None and s < base_steps
+  first = lambda name: statistics.mean(float(r.run.top1[0]) for r in rows[name])
+  best = lambda name: statistics.mean(r.max_accuracy for r in rows[name])
+  slower_start, higher = first('BN-x30') < first('BN-x5'), best('BN-x30') > best('BN-x5')
   out.append(
-      f'**BN-x5 needs 14 times fewer steps than Inception.** {reached("BN-x5")}: fewer steps '
-      f'{verdict(shown)}' + (' ' + SATURATED if not shown else
-                              f' (The paper: 14x; here {base_steps / s:.1f}x.)'))
-
-  first5, first30 = runs['BN-x5'].curve[0], runs['BN-x30'].curve[0]
-  slower_start = first30[1] < first5[1]
-  higher_max = rows['BN-x30']['max_accuracy'] > rows['BN-x5']['max_accuracy']
-  out.append(
-      f'**BN-x30 starts slower than BN-x5 but ends higher** (paper: 74.8% vs 73.0%). At the first '
-      f'evaluation (step {first5[0]}) BN-x30 had {pct(first30[1])}, BN-x5 {pct(first5[1])}; '
-      f'maxima {pct(rows["BN-x30"]["max_accuracy"])} vs {pct(rows["BN-x5"]["max_accuracy"])}. '
-      f'Slower start {verdict(slower_start)[:-1]}; higher maximum {verdict(higher_max)}' + (
-          '' if higher_max else
-          f' The paper\'s BN-x30 pulled ahead late, its maximum after 6M steps (150 epochs, the '
-          f'learning rate decayed 112 times by x0.96); this run lasted {epochs:.0f} epochs. '
-          f'Expected, if at all on digits, with a run of that many epochs: `--steps 6000` '
-          f'(133 epochs; roughly half an hour on 2 cores; not tried).'))
+      f'**BN-x30 starts slower than BN-x5 but ends higher** (paper: 74.8% vs 73.0%). First '
+      f'evaluation (step {fmt_steps(rows["BN-x5"][0].run.steps[0])}), mean over seeds: BN-x30 '
+      f'{pct(first("BN-x30"))}, BN-x5 {pct(first("BN-x5"))}; best averages over their equal runs '
+      f'{pct(best("BN-x30"))} vs {pct(best("BN-x5"))}. Slower start {verdict(slower_start)}; '
+      f'higher maximum {verdict(higher)}.' + ('' if higher else
+          ' The paper\'s BN-x30 pulled ahead late, after its learning rate had decayed over 150 '
+          'epochs; these runs last ' + f'{modified * train.PAPER_BATCH / 1437:.0f} epochs.'))
 
   sig = rows['BN-x5-Sigmoid']
-  trains, below = sig['max_accuracy'] > 0.5, sig['steps_to_target'] is None
+  trains = all(r.max_accuracy > 0.5 for r in sig)
+  below = all(r.steps_to_target is None for r in sig)
   out.append(
-      f'**BN-x5-Sigmoid trains, but stays below Inception** (paper: 69.8%, never 72.2%). '
-      f'{reached("BN-x5-Sigmoid")}; its maximum {pct(sig["max_accuracy"])}. Trains '
-      f'{verdict(trains)[:-1]}; stays below {verdict(below)}' + ('' if below else
-          ' Ten digit classes leave a sigmoid BN network capacity to spare; the paper\'s gap is '
-          'on 1000-class ImageNet at full width (`configs/bn_x5_sigmoid.py`).') +
-      ' (A sigmoid Inception without BN, which the paper says stays at chance, is not among the '
-      'five runs; the MLP below is the sigmoid-without-BN case here.)')
+      f'**BN-x5-Sigmoid trains, but stays below {BASELINE}** (paper: 69.8%, never 72.2%). Best '
+      f'averages {", ".join(pct(r.max_accuracy) for r in sig)}; steps to {pct(target)}: '
+      f'{crossings("BN-x5-Sigmoid")}. Trains: {verdict(trains)}; stays below: {verdict(below)}.'
+      + ('' if below else ' Ten digit classes leave a sigmoid BN network capacity to spare; the '
+         'paper\'s gap is on 1000-class ImageNet at full width.') +
+      ' (A sigmoid network without BN, which the paper says stays at chance, is the MLP below.)')
 
   members, combined = ensemble_rows[:-1], ensemble_rows[-1]
   best_member = max(members, key=lambda r: r['top1'])
   out.append(
-      f'**An ensemble beats its members** (paper: 6 BN-x30 variants, 144 crops). The four BN '
-      f'runs\' final checkpoints averaged: {pct(combined["top1"])} top-1; best member '
+      f'**An ensemble beats its members** (paper: 6 BN-x30 variants, 144 crops). The {len(members)} '
+      f'BN runs\' final checkpoints averaged: {pct(combined["top1"])} top-1; best member '
       f'{best_member["name"].split("/")[0]} {pct(best_member["top1"])}: '
-      + verdict(combined['top1'] > best_member['top1']) + (
+      f'{verdict(combined["top1"] > best_member["top1"])}.' + (
           '' if combined['top1'] > best_member['top1'] else
-          ' The paper\'s members were six runs of its best recipe; these are four different '
-          'variants, and 360 test images are few.'))
+          ' The paper\'s members were six runs of its best recipe; these are different variants '
+          'of different lengths, and 360 test images are few.'))
 
   k = min(1, len(without_bn.steps) - 1)  # the first evaluation after training started
-  at = lambda c, i: '/'.join(f'{x:.2f}' for x in c.sigmoid_input[i])
+  at_step = lambda c, i: '/'.join(f'{x:.2f}' for x in c.sigmoid_input[i])
   change = lambda c: float(np.mean(np.abs(c.sigmoid_input[-1] - c.sigmoid_input[k])))
   faster = with_bn.test_accuracy[k] > without_bn.test_accuracy[k]
   stable = change(with_bn) < change(without_bn)
@@ -422,44 +345,57 @@ def findings(runs: dict[str, VariantRun], target: float, rows: dict[str, dict],
       f'Test accuracy at step {without_bn.steps[k]}: {pct(with_bn.test_accuracy[k])} with BN, '
       f'{pct(without_bn.test_accuracy[k])} without; at step {without_bn.steps[-1]}: '
       f'{pct(with_bn.test_accuracy[-1])} vs {pct(without_bn.test_accuracy[-1])}. The 15/50/85th '
-      f'percentiles of the unit\'s sigmoid input went from {at(with_bn, k)} (step '
-      f'{with_bn.steps[k]}) to {at(with_bn, -1)} with BN, from {at(without_bn, k)} to '
-      f'{at(without_bn, -1)} without: a mean change of {change(with_bn):.2f} against '
-      f'{change(without_bn):.2f}. Faster {verdict(faster)[:-1]}; more stable {verdict(stable)}' + (
+      f'percentiles of the unit\'s sigmoid input went from {at_step(with_bn, k)} (step '
+      f'{with_bn.steps[k]}) to {at_step(with_bn, -1)} with BN, from {at_step(without_bn, k)} to '
+      f'{at_step(without_bn, -1)} without: a mean change of {change(with_bn):.2f} against '
+      f'{change(without_bn):.2f}. Faster: {verdict(faster)}; more stable: {verdict(stable)}.' + (
           '' if faster and stable else
           ' The paper\'s run had MNIST\'s 60,000 training images; expected to show with more '
           'data than digits\' 1,437.'))
   return out
 
 
-def settings_table(runs: Sequence[VariantRun]) -> str:
-  lines = ['| variant | LR per 32 images | decay x0.96 every | L2 | dropout | LRN | '
-           'steps | wall time | img/s |', '|---|---|---|---|---|---|---|---|---|']
-  for r in runs:
+def protocol(rep: report.Report, lengths: dict[str, int], first: int, budget: int,
+             seeds: Sequence[int]) -> list[str]:
+  w, every = rep.window, eval_every(rep.runs[0].config)
+  return [
+      f'- **{BASELINE}** (the baseline) trains until its test accuracy stops improving: until its '
+      f'moving average over {w} evaluations (every {every} steps) has had no new best for the '
+      f'last {report.PLATEAU_FRACTION:.0%} of its run, checked after {fmt_steps(first)} steps and '
+      f'after each extension, within {fmt_steps(budget)} steps. The paper trained it until its '
+      'accuracy stopped improving (31.0M steps).',
+      f'- **The target** is its best {w}-evaluation average, the lowest over its seeds; a run '
+      f'reaches it when its own {w}-evaluation average does.',
+      f'- **The others** train for the paper\'s length for them relative to {BASELINE}\'s (BN-'
+      f'Baseline 15M, the modified variants 6M, of 31M) times the baseline\'s '
+      f'{fmt_steps(rep.baseline_steps)} steps to the target: '
+      + ', '.join(f'{name} {fmt_steps(n)}' for name, n in lengths.items())
+      + ' steps. Where each first reached the target is read off its curve, as the paper read '
+      'BN-x30\'s 2.7M before training it to 6M.',
+      f'- **Seeds** {", ".join(map(str, seeds))} for every variant (initialisation and data '
+      'order).',
+      '- Chosen before these runs: the window, the target\'s rule, the seeds, the others\' lengths '
+      f'(the paper\'s). Chosen after two exploratory {BASELINE} runs of 2,500 steps (seeds 0, 1), '
+      f'to fit the time: the plateau fraction ({report.PLATEAU_FRACTION:.0%}; a third did not stop '
+      'either run within 2,500 steps) and the cap.',
+  ]
+
+
+def settings_table(rep: report.Report, wall: dict[str, float]) -> list[str]:
+  lines = ['| run | LR per 32 images | decay x0.96 every | L2 | dropout | LRN | steps | wall time '
+           '| img/s |', '|---|---|---|---|---|---|---|---|---|']
+  for r in rep.runs:
     c = r.config
+    rates = [m['img_per_s'] for m in report.read_metrics(r.workdir) if 'img_per_s' in m]
     lines.append(
-        f'| {r.name} | {c.learning_rate:g} | {c.lr_decay_epochs:.3g} epochs | {c.weight_decay:g} '
-        f'| {c.model.dropout_rate:g} | {"yes" if c.model.lrn else "no"} | {c.num_train_steps} | '
-        f'{train.format_seconds(r.wall_s)} | {r.img_per_s:.0f} |')
-  return '\n'.join(lines)
+        f'| {r.label} | {c.learning_rate:g} | {c.lr_decay_epochs:.3g} epochs | {c.weight_decay:g} '
+        f'| {c.model.dropout_rate:g} | {"yes" if c.model.lrn else "no"} | {fmt_steps(r.trained)} '
+        f'| {train.format_seconds(wall[r.workdir])} | '
+        f'{statistics.median(rates) if rates else float("nan"):.0f} |')
+  return lines
 
 
-def results_markdown(runs: dict[str, VariantRun], target: float, rows: Sequence[dict],
-                     ensemble_rows: Sequence[dict], without_bn: mlp.Curves, with_bn: mlp.Curves,
-                     wall_s: float, mlp_wall_s: float, command: str, output: str) -> str:
-  first = next(iter(runs.values())).config
-  batch = first.batch_size
-  by_name = {r['name']: r for r in rows}
-  table = [f'| Model | Steps to {pct(target)} | Max accuracy | at step | Final (evaluate) |',
-           '|---|---|---|---|---|']
-  for row in rows:
-    s = row['steps_to_target']
-    table.append(f'| {row["name"]} | {s if s is not None else "never"} | '
-                 f'{pct(row["max_accuracy"])} | {row["max_step"]} | '
-                 f'{pct(runs[row["name"]].final_top1)} |')
-  combined = pct(ensemble_rows[-1]['top1'])
-  table.append(f'| Ensemble of the 4 BN runs (mean of probabilities) | | {combined} | '
-               f'{first.num_train_steps} (final checkpoints) | {combined} |')
+def machine() -> str:
   device = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
   try:
@@ -468,55 +404,60 @@ def results_markdown(runs: dict[str, VariantRun], target: float, rows: Sequence[
   except (OSError, StopIteration):
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{cores} CPU cores ({cpu}), JAX device: {device.platform} ({device.device_kind})'
+
+
+def results_markdown(rep: report.Report, lengths: dict[str, int], first: int, budget: int,
+                     seeds: Sequence[int], ensemble_rows: Sequence[dict],
+                     without_bn: mlp.Curves, with_bn: mlp.Curves, wall: dict[str, float],
+                     wall_s: float, mlp_wall_s: float, command: str, output: str) -> str:
+  c = rep.runs[0].config
+  load = ', '.join(f'{x:.1f}' for x in os.getloadavg()) if hasattr(os, 'getloadavg') else '?'
+  combined = ensemble_rows[-1]
   out = [
       '# BN-Inception in miniature: results of this run',
       '',
-      f'`{command}`, {datetime.date.today().isoformat()}, {cores} CPU cores ({cpu}), '
-      f'JAX device: {device.platform} ({device.device_kind}).',
+      f'`{command}`, {datetime.date.today().isoformat()}, {machine()}; load average at the end '
+      f'{load}.',
       '',
-      '## Figure 3 in miniature',
+      '## The paper\'s protocol, in miniature',
       '',
-      f'Test top-1 on the 360 held-out digits, evaluated every {first.eval_every_steps} steps of '
-      f'{batch} images during training (population BN statistics); the target is {BASELINE}\'s '
-      f'best accuracy, "steps to" the first evaluation that reaches it. "Final" is '
-      f'`evaluate.evaluate_checkpoint` on the last checkpoint. One step is {batch} images '
-      f'({batch / 32:g} paper step{"s" if batch != 32 else ""}).',
+      *protocol(rep, lengths, first, budget, seeds),
       '',
-      *table,
-      '',
-      '![Figure 2](figure2_accuracy.png)',
+      report.markdown(rep, figure='figure2.png'),
+      f'The ensemble of the {len(ensemble_rows) - 1} BN runs\' final checkpoints (mean of '
+      f'probabilities, `evaluate` on the last checkpoints): {pct(combined["top1"])} top-1.',
       '',
       '## What the runs show, claim by claim',
       '',
-      *[f'- {f}' for f in findings(runs, target, by_name, ensemble_rows, without_bn, with_bn)],
+      *[f'- {f}' for f in findings(rep, lengths, ensemble_rows, without_bn, with_bn)],
       '',
       '![Figure 1](figure1_mlp.png)',
       '',
       '## Settings',
       '',
-      f'- Data: scikit-learn digits, 8 x 8 grey upscaled (bilinear) to '
-      f'{first.dataset.image_size} x {first.dataset.image_size} RGB, 1,437 training / 360 test '
-      'images, no augmentation.',
-      f'- Network: Figure 5 at width {first.model.width:g} (every layer\'s channels x '
-      f'{first.model.width:g}), 10 classes; BN over groups of {first.model.bn_group_size} '
-      f'examples; batch {batch}; SGD momentum {first.momentum:g}; '
-      f'{first.num_train_steps} steps ({first.num_train_steps * batch / 1437:.1f} epochs).',
+      f'- Data: scikit-learn digits, 8 x 8 grey upscaled (bilinear) to {c.dataset.image_size} x '
+      f'{c.dataset.image_size} RGB, 1,437 training / 360 test images, no augmentation.',
+      f'- Network: Figure 5 at width {c.model.width:g} (every layer\'s channels x '
+      f'{c.model.width:g}), 10 classes; BN over groups of {c.model.bn_group_size} examples; batch '
+      f'{c.batch_size} (a step is {c.batch_size / train.PAPER_BATCH:g} paper step'
+      f'{"s" if c.batch_size != train.PAPER_BATCH else ""}); SGD momentum {c.momentum:g}.',
       '- The configs are `configs/<variant>.py:digits`: each variant\'s paper recipe, with the '
       'digits learning-rate base in place of the paper\'s 0.0015 (the same multiples, '
-      'x1/x1/x5/x30/x5).',
+      'x1/x1/x5/x30/x5); only the length and the seed are set here.',
       '',
-      settings_table(list(runs.values())),
+      *settings_table(rep, wall),
       '',
       f'- Figure 1 MLP: {mlp.HIDDEN} sigmoid units, binarised 8 x 8 digits, {mlp.BATCH} examples '
       f'per step, {without_bn.steps[-1]} steps, plain SGD at {mlp.LEARNING_RATE:g}, initial '
       f'weights N(0, {mlp.INIT_STD:g}^2), unit {mlp.UNIT} of the last hidden layer; '
       f'{train.format_seconds(mlp_wall_s)} for both networks.',
       '- Random numbers: JAX\'s `rbg` generator, which compiles faster on a CPU than the default '
-      f'threefry. `python -m bn_inception.evaluate --workdir={output}/runs/<variant>` reads these '
+      f'threefry. `python -m bn_inception.evaluate --workdir={output}/runs/<run>` reads these '
       'checkpoints as they are; to train one further with `bn_inception.main`, set '
       '`JAX_DEFAULT_PRNG_IMPL=rbg`.',
-      f'- Wall time: {train.format_seconds(wall_s)} in all (compilation included; the variants\' '
-      'times are in the table above).',
+      f'- Wall time: {train.format_seconds(wall_s)} in all (compilation included; each run\'s is '
+      'in the table above).',
       f'- Versions: Python {platform.python_version()}, JAX {jax.__version__}, '
       f'Flax {flax.__version__}, NumPy {np.__version__}.',
       '',
@@ -527,19 +468,34 @@ def results_markdown(runs: dict[str, VariantRun], target: float, rows: Sequence[
 # ------------------------------------------------------------------------------------------------
 # The demo.
 # ------------------------------------------------------------------------------------------------
-def run_demo(output: str = 'demo_output', quick: bool = False, steps: Optional[int] = None,
-             stream=None, command: str = 'python scripts/demo.py') -> dict:
-  """Runs everything, writes `output`; returns {'target', 'rows', 'ensemble', 'results'}.
+def run_demo(output: str = 'demo_output', quick: bool = False, stream=None,
+             command: str = 'python scripts/demo.py') -> dict:
+  """Runs everything, writes `output`; returns {'report', 'lengths', 'ensemble', 'results'}.
 
   The previous demo's runs in `output` are replaced. On one device (the first): the miniature is
   one CPU's work, and its batch need not divide over several.
   """
   start = time.perf_counter()
-  progress = Progress(len(VARIANTS), stream)
+  seeds = QUICK['seeds'] if quick else SEEDS
+  first = QUICK['baseline_first'] if quick else BASELINE_FIRST
+  budget = QUICK['baseline_budget'] if quick else BASELINE_BUDGET
+  progress = Progress(len(report.VARIANTS) * len(seeds), stream)
   devices = jax.devices()[:1]
   runs_dir = os.path.join(output, 'runs')
   shutil.rmtree(runs_dir, ignore_errors=True)
   os.makedirs(runs_dir)
+  wall: dict[str, float] = {}
+  lengths: dict[str, int] = {}
+
+  def train_run(index, name, module, seed, goal, how):
+    config = variant_config(module, seed, quick)
+    workdir = os.path.join(runs_dir, f'{module}_seed{seed}')
+    label = f'{name} seed {seed}'
+    t = time.perf_counter()
+    with progress.run(index, label, workdir, goal):
+      run = how(config, workdir)
+    wall[workdir] = time.perf_counter() - t
+    return workdir, run, f'[{index + 1}/{progress.num_runs}] {label}: {fmt_steps(run.trained)} steps'
 
   # Threefry's random-number programs dominate compiling the networks' initialisation on a CPU
   # (about 25 s against 5 s with 'rbg'). The checkpoints hold an rbg key; to resume one with
@@ -554,23 +510,54 @@ def run_demo(output: str = 'demo_output', quick: bool = False, steps: Optional[i
     with_bn = mlp.train_mlp(True, mlp_steps, mlp_every)
     mlp_wall = time.perf_counter() - t
 
-    runs = {}
-    for index, (name, module) in enumerate(VARIANTS):
-      config = variant_config(module, quick, steps)
-      workdir = os.path.join(runs_dir, module)
-      with progress.variant(index, name, workdir, config.num_train_steps, config.batch_size):
-        runs[name] = run_variant(name, module, config, workdir, devices)
+    # 1. The baseline, until its accuracy stops improving.
+    baseline = []
+    for seed in seeds:
+      workdir, run, line = train_run(
+          len(baseline), BASELINE, 'inception', seed, f'(until it plateaus, at most {budget})',
+          lambda c, w: train_baseline(c, w, devices, first, budget))
+      averages = report.averaged(run, report.WINDOW)
+      progress.message(f'{line}, {"plateaued" if report.plateaued(*averages) else "at its cap"}; '
+                       f'best {report.WINDOW}-evaluation average {pct(report.best(*averages)[0])}, '
+                       f'{progress.elapsed()}')
+      baseline.append(workdir)
+    target = report.figure3(report.read_runs(baseline))
+    progress.message(f'The target: {pct(target.target)}, reached by {BASELINE} after '
+                     f'{fmt_steps(target.baseline_steps)} steps.')
 
-  members = [os.path.join(r.workdir, 'test.npz') for r in runs.values() if r.config.model.use_bn]
+    # 2. The others, for the paper's length relative to Inception's.
+    workdirs = list(baseline)
+    for name, module in report.VARIANTS[1:]:
+      every = eval_every(variant_config(module, 0, quick))
+      lengths[name] = race_length(name, target.baseline_steps, every)
+      for seed in seeds:
+        workdir, run, line = train_run(
+            len(workdirs), name, module, seed, f'of {lengths[name]}',
+            lambda c, w, n=lengths[name]: train_to(c, w, n, devices))
+        steps, averages = report.averaged(run, report.WINDOW)
+        reached = report.first_reaching(steps, averages, target.target)
+        progress.message(f'{line}, ' + (f'reached {pct(target.target)} at step {reached}'
+                                        if reached is not None else
+                                        f'did not reach {pct(target.target)}') +
+                         f', {progress.elapsed()}')
+        workdirs.append(workdir)
+
+    # 3. The BN runs' final checkpoints, evaluated and ensembled.
+    members = []
+    for workdir in workdirs[len(baseline):]:
+      p = evaluate.evaluate_checkpoint(report.read_run(workdir).config, workdir,
+                                       mesh=train.make_mesh(list(devices)))
+      members.append(os.path.join(workdir, 'test.npz'))
+      predictions.save(members[-1], p)
   _, ensemble_rows = ensemble.ensemble_files(members, output=os.path.join(output, 'ensemble.npz'))
-  target, rows = figure3({name: r.curve for name, r in runs.items()})
-  plot_figure2(list(runs.values()), target, rows, os.path.join(output, 'figure2_accuracy.png'))
+
+  rep = report.write_report(workdirs, output)
   plot_figure1(without_bn, with_bn, os.path.join(output, 'figure1_mlp.png'))
-  text = results_markdown(runs, target, rows, ensemble_rows, without_bn, with_bn,
-                          time.perf_counter() - start, mlp_wall, command, output)
+  text = results_markdown(rep, lengths, first, budget, seeds, ensemble_rows, without_bn, with_bn,
+                          wall, time.perf_counter() - start, mlp_wall, command, output)
   results = os.path.join(output, 'results.md')
   with open(results, 'w') as f:
     f.write(text)
   progress.message(f'Done in {train.format_seconds(time.perf_counter() - start)}. Results, '
                    f'figures and checkpoints: {os.path.abspath(output)}/ (results.md)')
-  return {'target': target, 'rows': rows, 'ensemble': ensemble_rows, 'results': results}
+  return {'report': rep, 'lengths': lengths, 'ensemble': ensemble_rows, 'results': results}

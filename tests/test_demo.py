@@ -1,4 +1,4 @@
-"""The demo: Figure 3's arithmetic on hand-made curves, and the --quick setting end to end."""
+"""The demo's --quick setting end to end: the protocol, report.md and results.md, figures."""
 
 import io
 import os
@@ -13,40 +13,10 @@ from bn_inception import checkpoints
 from bn_inception import demo
 from bn_inception import evaluate
 from bn_inception import predictions
+from bn_inception import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-
-
-def test_steps_to_target_is_the_first_evaluation_that_reaches_it():
-  curve = [(50, 0.2), (100, 0.6), (150, 0.55), (200, 0.9)]
-  assert demo.steps_to_target(curve, 0.6) == 100  # reached exactly counts
-  assert demo.steps_to_target(curve, 0.58) == 100  # the first, not the last, step above it
-  assert demo.steps_to_target(curve, 0.1) == 50
-  assert demo.steps_to_target(curve, 0.95) is None  # never
-
-
-def test_best_is_the_maximum_and_the_first_step_it_was_reached():
-  assert demo.best([(50, 0.5), (100, 0.7), (150, 0.6), (200, 0.7)]) == (0.7, 100)
-
-
-def test_figure3_races_to_the_baselines_best():
-  """The target is Inception's maximum (not its last value); each row says when the variant first
-  reached it, or None, and its own maximum."""
-  curves = {
-      'Inception': [(100, 0.3), (200, 0.8), (300, 0.7)],
-      'BN-x5': [(100, 0.85), (200, 0.95), (300, 0.9)],
-      'BN-Baseline': [(100, 0.5), (200, 0.7), (300, 0.8)],
-      'BN-x5-Sigmoid': [(100, 0.2), (200, 0.4), (300, 0.6)],
-  }
-  target, rows = demo.figure3(curves)
-  assert target == 0.8
-  assert rows == [
-      dict(name='Inception', steps_to_target=200, max_accuracy=0.8, max_step=200),
-      dict(name='BN-x5', steps_to_target=100, max_accuracy=0.95, max_step=200),
-      dict(name='BN-Baseline', steps_to_target=300, max_accuracy=0.8, max_step=300),
-      dict(name='BN-x5-Sigmoid', steps_to_target=None, max_accuracy=0.6, max_step=300),
-  ]
 
 
 @pytest.fixture(scope='module')
@@ -58,23 +28,35 @@ def quick_demo(tmp_path_factory):
   return output, result, stream.getvalue()
 
 
-def test_quick_demo_trains_evaluates_and_ensembles_the_five_variants(quick_demo):
+def test_quick_demo_follows_the_protocol_and_writes_the_report(quick_demo):
+  """The baseline is extended until its cap (too short to plateau), the others train for the
+  paper's lengths relative to it; report.md and results.md hold the report's Figure 3 table."""
   output, result, progress = quick_demo
-  text = (output / 'results.md').read_text()
-  for name, module in demo.VARIANTS:
-    assert f'\n| {name} | ' in text
-    workdir = output / 'runs' / module
-    assert sorted(os.listdir(workdir / 'checkpoints')) == ['10']
+  rep = result['report']
+  assert [r.run.label for r in rep.rows] == [name for name, _ in report.VARIANTS]
+  inception = rep.rows[0].run
+  assert inception.trained == demo.QUICK['baseline_budget'] and len(inception.steps) == 4
+  assert rep.target == max(report.averaged(inception, report.WINDOW)[1])
+  for row in rep.rows[1:]:
+    assert row.run.trained == result['lengths'][row.run.variant] == 15  # a moving average's worth
+    workdir = output / 'runs' / os.path.basename(row.run.workdir)
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['15']
     assert predictions.load(str(workdir / 'test.npz')).num_examples == 360
-    assert f'] {name}: 10 steps' in progress  # the progress display's line at the end of each run
-  assert '\n| Ensemble of the 4 BN runs' in text
-  assert [r['name'] for r in result['rows']] == [name for name, _ in demo.VARIANTS]
+  assert sorted(os.listdir(output / 'runs' / 'inception_seed0' / 'checkpoints')) == ['15', '20']
+  for name, _ in report.VARIANTS:
+    assert f'] {name} seed 0: ' in progress  # the line at the end of each run
   assert len(result['ensemble']) == 5  # four members and the ensemble
-  assert '## What the runs show, claim by claim' in text and '## Settings' in text
+  report_md, results_md = (output / 'report.md').read_text(), (output / 'results.md').read_text()
+  table = report.markdown(rep)
+  table = table[table.index('| Run |'):table.index('\n\n', table.index('| Run |'))]
+  assert table in report_md and table in results_md  # one implementation of Figure 3
+  for section in ('## The paper\'s protocol, in miniature', '## What the runs show, claim by claim',
+                  '## Settings'):
+    assert section in results_md
   assert str(output) in progress.splitlines()[-1]  # the folder is printed at the end
 
 
-@pytest.mark.parametrize('name', ['figure2_accuracy.png', 'figure1_mlp.png'])
+@pytest.mark.parametrize('name', ['figure2.png', 'figure1_mlp.png'])
 def test_quick_demo_writes_valid_pngs(quick_demo, name):
   path = quick_demo[0] / name
   assert path.read_bytes()[:8] == PNG_SIGNATURE
@@ -86,7 +68,7 @@ def test_quick_demo_writes_valid_pngs(quick_demo, name):
 
 def test_quick_demo_checkpoints_evaluate_afterwards(quick_demo):
   """bn_inception.evaluate reads a demo run from its workdir alone, and agrees with the table."""
-  workdir = str(quick_demo[0] / 'runs' / 'bn_x5')
+  workdir = str(quick_demo[0] / 'runs' / 'bn_x5_seed0')
   p = evaluate.evaluate_checkpoint(checkpoints.read_config(workdir), workdir)
   reference = predictions.load(os.path.join(workdir, 'test.npz'))
   np.testing.assert_allclose(p.sorted_by_id().probs, reference.sorted_by_id().probs, atol=1e-6)
@@ -96,4 +78,4 @@ def test_script_runs_from_another_directory(tmp_path):
   """scripts/demo.py finds the repository's configs and library wherever it is started."""
   out = subprocess.run([sys.executable, os.path.join(REPO, 'scripts', 'demo.py'), '--help'],
                        cwd=tmp_path, capture_output=True, text=True, check=True)
-  assert '--quick' in out.stdout and '--steps' in out.stdout
+  assert '--quick' in out.stdout and '--output' in out.stdout
