@@ -1,18 +1,38 @@
-"""What the command-line entry points share: logging, and joining the other hosts of a run."""
+"""What the command-line entry points share: logging, and joining the other processes of a run."""
 
 import logging as std_logging
 import os
-from typing import Optional
 
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+
+# How long a process may stay silent before the others declare it dead and stop (JAX's own default,
+# jax.distributed.initialize(heartbeat_timeout_seconds=100) in JAX 0.9-0.11). Shorter stops a run
+# that lost a host sooner, but a host that stalls longer (swapping, a long synchronous write) is
+# then declared dead too.
+HEARTBEAT_TIMEOUT_SECONDS = 100
 
 
-def define_multihost_flag(flag_values=flags.FLAGS) -> flags.FlagHolder:
-  return flags.DEFINE_bool(
-      'multihost', None, 'Call jax.distributed.initialize(). Default: when a cluster launcher '
-      '(Slurm, Open MPI, TPU pod) or JAX_COORDINATOR_ADDRESS is detected.', flag_values=flag_values)
+def define_multihost_flags(flag_values=flags.FLAGS) -> None:
+  """--coordinator_address, --num_processes, --process_id, --multihost, --heartbeat_timeout."""
+  flags.DEFINE_string(
+      'coordinator_address', None, 'HOST:PORT of process 0, reachable from every process (any free '
+      'port). Default: detected (Slurm, Open MPI, TPU pods) or $JAX_COORDINATOR_ADDRESS.',
+      flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', None, 'Processes in the run (usually one per host). '
+                       'Default: detected.', lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer('process_id', None, 'This process: 0 ... num_processes - 1. Default: '
+                       'detected.', lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_bool(
+      'multihost', None, 'Call jax.distributed.initialize() (with the flags above, detecting '
+      'whatever they leave out). Default: when one of them is given, or a cluster launcher (Slurm, '
+      'Open MPI, TPU pod) or $JAX_COORDINATOR_ADDRESS is detected.', flag_values=flag_values)
+  flags.DEFINE_integer(
+      'heartbeat_timeout', HEARTBEAT_TIMEOUT_SECONDS, 'Seconds without a sign of life after which '
+      'a process is declared dead and the others stop with an error.', lower_bound=1,
+      flag_values=flag_values)
 
 
 def launched_on_several_hosts() -> bool:
@@ -28,12 +48,37 @@ def quiet_orbax() -> None:
       lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
 
 
-def start(multihost: Optional[bool]) -> None:
-  """Quiet Orbax, keep TensorFlow (which only feeds data) off the accelerators' memory, and join
-  the other hosts when there are any (`multihost`: the --multihost flag)."""
+def start(flag_values=flags.FLAGS) -> None:
+  """Quiets Orbax, keeps TensorFlow (which only feeds data) off the accelerators' memory, joins the
+  other processes of the run when there are any (define_multihost_flags' flags), and logs which
+  process this is and its devices. Call it before anything touches a device.
+
+  On CPUs the processes talk through JAX's gloo collectives, which JAX turns on by default
+  (jax_cpu_collectives_implementation='gloo' since JAX 0.5).
+  """
   quiet_orbax()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  if multihost or (multihost is None and launched_on_several_hosts()):
-    jax.distributed.initialize()
-  logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  given = {name: flag_values[name].value
+           for name in ('coordinator_address', 'num_processes', 'process_id')}
+  multihost = flag_values['multihost'].value
+  if multihost is None:
+    multihost = any(v is not None for v in given.values()) or launched_on_several_hosts()
+  if multihost:
+    try:
+      jax.distributed.initialize(
+          **given, heartbeat_timeout_seconds=flag_values['heartbeat_timeout'].value)
+    except ValueError as e:  # e.g. "Number of processes must be defined."
+      raise ValueError(
+          f'{e} Outside Slurm, Open MPI and TPU pods, start every process with '
+          '--coordinator_address=HOST:PORT (process 0\'s host, any free port), --num_processes=N '
+          'and --process_id=0 ... N-1, or use python -m bn_inception.launch on one machine.') from e
+  devices = jax.devices()
+  logging.info('Process %d of %d: %d local devices, %d in all (%s); JAX %s.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(), len(devices),
+               devices[0].device_kind, jax.__version__)
+  if jax.process_count() > 1:
+    # Here the processes are in step: form the groups through which later barriers and gathers
+    # talk. On CPUs gloo gives a new group 30 s to form, and a process that finds its programs in
+    # the persistent compilation cache runs ahead of one that compiles them (JAX reads the cache
+    # on every process, but its keys differ between processes and only process 0 writes).
+    multihost_utils.sync_global_devices('bn_inception.cli.start')

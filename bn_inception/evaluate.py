@@ -196,7 +196,7 @@ def output_path(output: str, step: int, several: bool) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.start(FLAGS.multihost)
+  cli.start()
   workdir, step = resolve_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
   config = _CONFIG.value or checkpoints.read_config(workdir)
   steps = ([step] if step != 'all' else
@@ -232,7 +232,7 @@ def define_flags() -> flags.FlagHolder:
                        'about config.eval_batch_size crops.')
   flags.DEFINE_string('output', None, 'Predictions file to write (.npz); "{step}" in the name '
                       'is replaced by the step.')
-  cli.define_multihost_flag()
+  cli.define_multihost_flags()
   flags.adopt_module_key_flags(cli)
   return config_flags.DEFINE_config_file(
       'config', None, 'Config file, e.g. configs/bn_x30.py:digits; default: WORKDIR/config.json. '
