@@ -77,8 +77,13 @@ def start(flag_values=flags.FLAGS) -> None:
                jax.process_index(), jax.process_count(), jax.local_device_count(), len(devices),
                devices[0].device_kind, jax.__version__)
   if jax.process_count() > 1:
-    # Here the processes are in step: form the groups through which later barriers and gathers
-    # talk. On CPUs gloo gives a new group 30 s to form, and a process that finds its programs in
-    # the persistent compilation cache runs ahead of one that compiles them (JAX reads the cache
-    # on every process, but its keys differ between processes and only process 0 writes).
+    # Orbax's barriers wait at the coordination service rather than run as device collectives,
+    # which must never run concurrently: Orbax finalises a save on a thread while training goes on
+    # (on CPUs, gloo then mixes up the messages of two barriers and aborts).
+    import orbax.checkpoint  # pylint: disable=g-import-not-at-top,unused-import  # defines the flag
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+    # Here the processes are in step: form the groups through which later gathers talk. On CPUs
+    # gloo gives a new group 30 s to form, and a process that finds its programs in the persistent
+    # compilation cache runs ahead of one that compiles them (JAX reads the cache on every
+    # process, but its keys differ between processes and only process 0 writes).
     multihost_utils.sync_global_devices('bn_inception.cli.start')

@@ -6,10 +6,10 @@ r"""Run a command as every process of one multi-process JAX run, on this machine
 For trying a multi-host run on one machine, and for the tests. Process I runs the command with
 --coordinator_address=127.0.0.1:PORT (a free port), --num_processes=N and --process_id=I appended
 (the flags of bn_inception.main, .evaluate and scripts/benchmark.py). Every line of its output is
-printed prefixed with "[I] ". SIGINT (Ctrl-C) and SIGTERM are passed on to every process (which then save a checkpoint
-and stop). When a process fails otherwise, the others are killed at once (a run that lost a process
-can neither compute nor save; the newest complete checkpoint stays as it was). The launcher exits
-with the status of the first process that failed, 0 when every process succeeds.
+printed prefixed with "[I] ". SIGINT (Ctrl-C) and SIGTERM are passed on to every process (which
+then save a checkpoint and stop). When a process fails otherwise, the others are killed at once (a
+run that lost a process can neither compute nor save; the newest complete checkpoint stays as it
+was). The launcher exits with the status of the first process that failed, 0 when all succeed.
 
 On CPUs, XLA_FLAGS=--xla_force_host_platform_device_count=K gives each process K devices. Clusters
 have their own launchers (srun, mpirun, gcloud ... --worker=all): README.md, "Several hosts".
@@ -26,8 +26,6 @@ from typing import Optional, Sequence, TextIO
 
 from absl import app
 from absl import flags
-
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 2, 'Processes to start.', lower_bound=1)
 
 
 def free_port() -> int:
@@ -128,8 +126,9 @@ def main(argv):
     raise app.UsageError('Give the command after --, e.g. python -m bn_inception.launch '
                          '--num_processes=2 -- python -m bn_inception.main --config=... '
                          '--workdir=...')
-  sys.exit(launch(argv[1:], _NUM_PROCESSES.value))
+  sys.exit(launch(argv[1:], flags.FLAGS.num_processes))
 
 
 if __name__ == '__main__':
+  flags.DEFINE_integer('num_processes', 2, 'Processes to start.', lower_bound=1)
   app.run(main)

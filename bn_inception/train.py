@@ -352,10 +352,15 @@ class Preemption:
   this process. A second Ctrl-C stops at once, without saving.
   """
 
-  def __init__(self, mngr):
+  def __init__(self, mngr, step: int):
+    """`step`: the step training starts from."""
     self.mngr = mngr
     self.several = jax.process_count() > 1
     self.signal = None  # the signal that asked to stop, None on the processes that got none
+    # JAX's sync point is the step after the newest one it was asked about, on any process: after
+    # a notice that came while starting up, step 1, which a resumed run never reaches. Asking
+    # about every step up to this one finds such a stop (counting up, every process agrees).
+    self.stop_at_once = self.several and any(mngr.reached_preemption(s) for s in range(1, step + 1))
     catch = (signal.SIGINT,) if self.several else (signal.SIGINT, signal.SIGTERM)
     try:
       self._previous = {s: signal.signal(s, self._handle) for s in catch}
@@ -374,7 +379,9 @@ class Preemption:
 
   def reached(self, step: int) -> bool:
     """Whether to save and stop after `step` (the same answer on every process)."""
-    return self.mngr.reached_preemption(step) if self.several else self.signal is not None
+    if self.several:
+      return self.stop_at_once or self.mngr.reached_preemption(step)
+    return self.signal is not None
 
   def stop(self, step: int) -> None:
     """After the checkpoint at `step`: says so, or after Ctrl-C raises KeyboardInterrupt, so that
@@ -454,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    seed=config.seed, start_step=step),
       mesh, ('image', 'label'))
   writer = MetricWriter(workdir)
-  preemption = Preemption(mngr)
+  preemption = Preemption(mngr, step)
 
   def stop_if_diverged():
     bad = int(state.nonfinite_step)
