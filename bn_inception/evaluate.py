@@ -8,7 +8,8 @@ The config is the workdir's config.json unless --config is given. Evaluation use
 (running-average) BN statistics; every example is counted exactly once on any number of devices and
 hosts (the pipeline pads the last batch and masks the padding). The predictions file
 (bn_inception/predictions.py) holds the softmax averaged over the crops, for bn_inception.ensemble.
-On several hosts run the same command on every host; host 0 prints and writes.
+On several hosts run the same command on every host (README.md, "Several hosts"); host 0 prints and
+writes.
 """
 
 import json

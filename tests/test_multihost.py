@@ -133,7 +133,12 @@ def restore(workdir, step, names=('params', 'batch_stats', 'opt_state')):
 @pytest.fixture(scope='module')
 def killed_run(start, tmp_path_factory):
   """Two processes started by hand (no launcher) train with a checkpoint every step; once step 5
-  is saved, process 1 is killed hard. Returns (workdir, processes, seconds process 0 outlived it)."""
+  is saved, process 1 stops dead (SIGSTOP: its connections stay open, as when a host loses power,
+  so only the heartbeat can tell) and is then killed (SIGKILL). Returns (workdir, processes,
+  seconds process 0 outlived process 1).
+
+  A process killed on the same machine closes its connections, and the other then fails at once
+  in a collective with it (on CPUs gloo aborts): the heartbeat bound is the one to test."""
   workdir = tmp_path_factory.mktemp('killed') / 'run'
   address = f'127.0.0.1:{launch.free_port()}'
   processes = start([
@@ -141,10 +146,12 @@ def killed_run(start, tmp_path_factory):
           f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}',
           f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}'] for i in range(2)], environment())
   processes.wait_for(lambda: (workdir / 'checkpoints' / '5').is_dir(), 600, 'checkpoint 5')
-  os.killpg(processes.procs[1].pid, signal.SIGKILL)
-  killed = time.time()
+  os.killpg(processes.procs[1].pid, signal.SIGSTOP)
+  stopped = time.time()
   processes.wait(HEARTBEAT_TIMEOUT + SLACK, processes.procs[:1])
-  return workdir, processes, time.time() - killed
+  seconds = time.time() - stopped
+  os.killpg(processes.procs[1].pid, signal.SIGKILL)
+  return workdir, processes, seconds
 
 
 def test_two_processes_train_as_one_run(killed_run):
@@ -164,15 +171,14 @@ def test_two_processes_train_as_one_run(killed_run):
   assert {1, 2, 3, 4, 5} <= set(checkpoints.manager(str(workdir), read_only=True).all_steps())
 
 
-def test_a_killed_process_stops_the_other_within_the_heartbeat_timeout(killed_run, caplog):
-  """SIGKILL of process 1: process 0 exits non-zero within --heartbeat_timeout (and a margin for a
-  loaded machine): JAX's coordination service names task 1 as dead, or at once a collective with
-  it breaks (gloo aborts). The newest complete checkpoint resumes, here on one process of 8
-  devices (the digits batches do not depend on the process count)."""
+def test_a_lost_process_stops_the_other_within_the_heartbeat_timeout(killed_run, caplog):
+  """Process 1 lost: process 0 exits non-zero within --heartbeat_timeout (and a margin for a
+  loaded machine), JAX's coordination service naming task 1. The newest complete checkpoint
+  resumes, here on one process of 8 devices (digits batches do not depend on the process count)."""
   workdir, processes, seconds = killed_run
   assert processes.procs[0].returncode != 0, processes.output(0)
   assert seconds < HEARTBEAT_TIMEOUT + SLACK
-  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b|gloo::',
+  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b',
                    processes.output(0)), processes.output(0)
   newest = checkpoints.manager(str(workdir), read_only=True).latest_step()
   caplog.set_level(logging.INFO)
