@@ -8,10 +8,10 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
-# How long a process may stay silent before the others declare it dead and stop (JAX's own default,
-# jax.distributed.initialize(heartbeat_timeout_seconds=100) in JAX 0.9-0.11). Shorter stops a run
-# that lost a host sooner, but a host that stalls longer (swapping, a long synchronous write) is
-# then declared dead too.
+# How long a process may stay silent before the others declare it dead and stop: JAX's own default
+# (jax.distributed.initialize(heartbeat_timeout_seconds=100), JAX 0.9-0.11). Heartbeats come from a
+# background thread, so compiling or saving never delays them; a shorter timeout stops a run that
+# lost a host sooner, but also one whose host merely stalled (swapping, a network hiccup).
 HEARTBEAT_TIMEOUT_SECONDS = 100
 
 
@@ -54,7 +54,7 @@ def start(flag_values=flags.FLAGS) -> None:
   process this is and its devices. Call it before anything touches a device.
 
   On CPUs the processes talk through JAX's gloo collectives, which JAX turns on by default
-  (jax_cpu_collectives_implementation='gloo' since JAX 0.5).
+  (jax_cpu_collectives_implementation='gloo' since JAX 0.5.1).
   """
   quiet_orbax()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

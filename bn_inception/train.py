@@ -213,9 +213,9 @@ _barriers = itertools.count()
 def wait_for_all_processes(name: str, timeout_seconds: int = 3600) -> None:
   """Returns when every process has called it (at once on one process).
 
-  Processes drift apart where they compile or predict on their own, and on CPUs they must reach a
-  new group's first collective within 30 s of each other (gloo's rendezvous, not configurable).
-  This waits at the coordination service instead, which a dead process makes fail at once.
+  Processes drift apart where they compile on their own, and on CPUs they must reach a new group's
+  first collective within 30 s of each other (gloo's rendezvous, not configurable). This waits at
+  the coordination service instead, which fails it when a process is declared dead.
   """
   ocp.multihost.get_barrier_sync_fn()(key=f'bn_inception_{name}_{next(_barriers)}',
                                       timeout_ms=timeout_seconds * 1000)
@@ -346,8 +346,8 @@ class Preemption:
   """SIGTERM (a cluster pre-empting the job) and SIGINT (Ctrl-C) as a request to save a checkpoint
   at the end of the step and stop; `reached(step)` is asked once per step.
 
-  On several processes all must stop at the same step, or the save's collectives would wait
-  forever: they agree through JAX's pre-emption sync point (Orbax's `reached_preemption`), to
+  On several processes all must stop at the same step, or each would wait in vain for the others
+  to save: they agree through JAX's pre-emption sync point (Orbax's `reached_preemption`), to
   which `jax.distributed.initialize` connects SIGTERM; SIGINT is passed on to it as a SIGTERM of
   this process. A second Ctrl-C stops at once, without saving.
   """
@@ -357,10 +357,11 @@ class Preemption:
     self.mngr = mngr
     self.several = jax.process_count() > 1
     self.signal = None  # the signal that asked to stop, None on the processes that got none
-    # JAX's sync point is the step after the newest one it was asked about, on any process: after
-    # a notice that came while starting up, step 1, which a resumed run never reaches. Asking
-    # about every step up to this one finds such a stop (counting up, every process agrees).
-    self.stop_at_once = self.several and any(mngr.reached_preemption(s) for s in range(1, step + 1))
+    # JAX puts the sync point after the newest step any process has asked about, counting from 0:
+    # a notice that came while this run started up stops it at step 1, which a resumed run never
+    # reaches. Asking about every step up to this one finds such a stop (all processes alike).
+    self.stop_at_once = self.several and any(
+        mngr.reached_preemption(s) for s in range(1, step + 1))
     catch = (signal.SIGINT,) if self.several else (signal.SIGINT, signal.SIGTERM)
     try:
       self._previous = {s: signal.signal(s, self._handle) for s in catch}
@@ -384,8 +385,9 @@ class Preemption:
     return self.signal is not None
 
   def stop(self, step: int) -> None:
-    """After the checkpoint at `step`: says so, or after Ctrl-C raises KeyboardInterrupt, so that
-    the command exits non-zero and a program training several runs (the demo) stops too."""
+    """Once the checkpoint at `step` is written: says so, or after Ctrl-C raises KeyboardInterrupt,
+    so that the command exits non-zero and a program training several runs (the demo) stops too."""
+    self.mngr.wait_until_finished()
     if self.signal == signal.SIGINT:
       raise KeyboardInterrupt
     logging.warning('Pre-empted: checkpoint saved at step %d in %s; rerun the same command to '
@@ -524,7 +526,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         stop_if_diverged()  # never write a diverged state
         checkpoints.save(mngr, step, state)
       if preempted and step < config.num_train_steps:
-        mngr.wait_until_finished()
         preemption.stop(step)
         break
 
