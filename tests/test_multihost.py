@@ -1,11 +1,11 @@
-"""Several processes for real, on 127.0.0.1: two processes train as one run, a killed one stops the
+"""Several processes for real, on 127.0.0.1: two processes train as one run, a lost one stops the
 other within the heartbeat timeout, SIGTERM stops both at one step and the run resumes bitwise,
 evaluation counts every example once; Ctrl-C saves and says where the run resumes.
 
 The suite's most expensive tests: every launch starts processes that each compile (JAX reads the
 persistent compilation cache on every process, but on CPUs only process 0 finds its programs
 there). They run a tiny BN-x30 on digits with the tests' compilation cache, and share launches:
-one run serves the one-run checks, the killed-process checks and the reference of the resume.
+one run serves the one-run checks, the lost-process checks and the reference of the resume.
 Every wait has a timeout, every process started is killed at the end, and a failing check shows
 the processes' output.
 """
