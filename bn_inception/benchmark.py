@@ -244,6 +244,7 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   start = time.perf_counter()
   compiled = jitted.lower(carry, batch).compile()
   compile_s = time.perf_counter() - start
+  train.wait_for_all_processes('compiled')
   if mode == 'train':
     step_fn = compiled
   else:  # the same variables every step

@@ -1,17 +1,19 @@
-"""What the command-line entry points share: logging, joining the other hosts of a run, and how
+"""What the command-line entry points share: logging, joining the other processes of a run, and how
 errors the user can fix are reported (`run`)."""
 
 import logging as std_logging
 import os
 import re
+import signal
 import sys
 import traceback
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, Callable, NoReturn
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from bn_inception import errors
@@ -20,11 +22,31 @@ _TRACEBACK = flags.DEFINE_bool(
     'traceback', False, 'Also print the Python traceback of an error in the input (config, flags, '
     'files, workdir), e.g. for a bug report.')
 
+# How long a process may stay silent before the others declare it dead and stop: JAX's own default
+# (jax.distributed.initialize(heartbeat_timeout_seconds=100), JAX 0.9-0.11). Heartbeats come from a
+# background thread, so compiling or saving never delays them; a shorter timeout stops a run that
+# lost a host sooner, but also one whose host merely stalled (swapping, a network hiccup).
+HEARTBEAT_TIMEOUT_SECONDS = 100
 
-def define_multihost_flag(flag_values=flags.FLAGS) -> flags.FlagHolder:
-  return flags.DEFINE_bool(
-      'multihost', None, 'Call jax.distributed.initialize(). Default: when a cluster launcher '
-      '(Slurm, Open MPI, TPU pod) or JAX_COORDINATOR_ADDRESS is detected.', flag_values=flag_values)
+
+def define_multihost_flags(flag_values=flags.FLAGS) -> None:
+  """--coordinator_address, --num_processes, --process_id, --multihost, --heartbeat_timeout."""
+  flags.DEFINE_string(
+      'coordinator_address', None, 'HOST:PORT of process 0, reachable from every process (any free '
+      'port). Default: detected (Slurm, Open MPI, TPU pods) or $JAX_COORDINATOR_ADDRESS.',
+      flag_values=flag_values)
+  flags.DEFINE_integer('num_processes', None, 'Processes in the run (usually one per host). '
+                       'Default: detected.', lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer('process_id', None, 'This process: 0 ... num_processes - 1. Default: '
+                       'detected.', lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_bool(
+      'multihost', None, 'Call jax.distributed.initialize() (with the flags above, detecting '
+      'whatever they leave out). Default: when one of them is given, or a cluster launcher (Slurm, '
+      'Open MPI, TPU pod) or $JAX_COORDINATOR_ADDRESS is detected.', flag_values=flag_values)
+  flags.DEFINE_integer(
+      'heartbeat_timeout', HEARTBEAT_TIMEOUT_SECONDS, 'Seconds without a sign of life after which '
+      'a process is declared dead and the others stop with an error.', lower_bound=1,
+      flag_values=flag_values)
 
 
 def launched_on_several_hosts() -> bool:
@@ -40,21 +62,52 @@ def quiet_orbax() -> None:
       lambda record: record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname)
 
 
-def start(multihost: Optional[bool]) -> None:
-  """Quiet Orbax, keep TensorFlow (which only feeds data) off the accelerators' memory, and join
-  the other hosts when there are any (`multihost`: the --multihost flag)."""
+def start(flag_values=flags.FLAGS) -> None:
+  """Quiets Orbax, keeps TensorFlow (which only feeds data) off the accelerators' memory, joins the
+  other processes of the run when there are any (define_multihost_flags' flags), and logs which
+  process this is and its devices. Call it before anything touches a device.
+
+  On CPUs the processes talk through JAX's gloo collectives, which JAX turns on by default
+  (jax_cpu_collectives_implementation='gloo' since JAX 0.5.1).
+  """
   quiet_orbax()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  if multihost or (multihost is None and launched_on_several_hosts()):
-    jax.distributed.initialize()
-  logging.info('JAX %s, process %d of %d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+  given = {name: flag_values[name].value
+           for name in ('coordinator_address', 'num_processes', 'process_id')}
+  multihost = flag_values['multihost'].value
+  if multihost is None:
+    multihost = any(v is not None for v in given.values()) or launched_on_several_hosts()
+  if multihost:
+    try:
+      jax.distributed.initialize(
+          **given, heartbeat_timeout_seconds=flag_values['heartbeat_timeout'].value)
+    except ValueError as e:  # e.g. "Number of processes must be defined."
+      raise errors.ConfigError(
+          f'{e} Outside Slurm, Open MPI and TPU pods, start every process with '
+          '--coordinator_address=HOST:PORT (process 0\'s host, any free port), --num_processes=N '
+          'and --process_id=0 ... N-1, or use python -m bn_inception.launch on one machine.') from e
+  devices = jax.devices()
+  logging.info('Process %d of %d: %d local devices, %d in all (%s); JAX %s.',
+               jax.process_index(), jax.process_count(), jax.local_device_count(), len(devices),
+               devices[0].device_kind, jax.__version__)
+  if jax.process_count() > 1:
+    # Orbax's barriers wait at the coordination service rather than run as device collectives,
+    # which must never run concurrently: Orbax finalises a save on a thread while training goes on
+    # (on CPUs, gloo then mixes up the messages of two barriers and aborts).
+    import orbax.checkpoint  # pylint: disable=g-import-not-at-top,unused-import  # defines the flag
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+    # Here the processes are in step: form the groups through which later gathers talk. On CPUs
+    # gloo gives a new group 30 s to form, and a process that finds its programs in the persistent
+    # compilation cache runs ahead of one that compiles them (JAX reads the cache on every
+    # process, but its keys differ between processes and only process 0 writes).
+    multihost_utils.sync_global_devices('bn_inception.cli.start')
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
   """`absl.app.run(main)` for every entry point: an error the user can fix (`errors.UserError`, a
   --config.FIELD the config does not have, a --config file that is not there) is printed as one
-  message on stderr, exit status 1, without the Python traceback unless --traceback is given."""
+  message on stderr, exit status 1, without the Python traceback unless --traceback is given; so is
+  Ctrl-C (KeyboardInterrupt), exit status 130."""
   def main_reporting_user_errors(argv):
     try:
       return main(argv)
@@ -62,6 +115,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
       if _TRACEBACK.value:
         traceback.print_exc()
       exit_with_error(str(e))
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where it resumes), no traceback
+      if _TRACEBACK.value:
+        traceback.print_exc()
+      sys.stderr.write(f'{e or "Interrupted."}\n')
+      sys.exit(128 + signal.SIGINT)
 
   app.run(main_reporting_user_errors, flags_parser=_parse_flags)
 

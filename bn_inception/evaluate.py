@@ -8,7 +8,8 @@ The config is the workdir's config.json unless --config is given. Evaluation use
 (running-average) BN statistics; every example is counted exactly once on any number of devices and
 hosts (the pipeline pads the last batch and masks the padding). The predictions file
 (bn_inception/predictions.py) holds the softmax averaged over the crops, for bn_inception.ensemble.
-On several hosts run the same command on every host; host 0 prints and writes.
+On several hosts run the same command on every host (README.md, "Several hosts"); host 0 prints and
+writes.
 """
 
 import json
@@ -207,7 +208,7 @@ def output_path(output: str, step: int, several: bool) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.start(FLAGS.multihost)
+  cli.start()
   workdir, step = resolve_checkpoint(FLAGS.workdir, FLAGS.checkpoint)
   config = _CONFIG.value or checkpoints.read_config(workdir)
   steps = ([step] if step != 'all' else
@@ -245,7 +246,7 @@ def define_flags() -> flags.FlagHolder:
                        'about config.eval_batch_size crops.')
   flags.DEFINE_string('output', None, 'Predictions file to write (.npz); "{step}" in the name '
                       'is replaced by the step.')
-  cli.define_multihost_flag()
+  cli.define_multihost_flags()
   flags.adopt_module_key_flags(cli)
   return config_flags.DEFINE_config_file(
       'config', None, 'Config file, e.g. configs/bn_x30.py:digits; default: WORKDIR/config.json. '

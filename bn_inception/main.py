@@ -2,8 +2,9 @@
 
   python -m bn_inception.main --config=configs/bn_x30.py --workdir=runs/bn_x30 [--config.FIELD=VALUE ...]
 
-Rerunning the same command resumes from the newest checkpoint in the workdir. On several hosts (Slurm,
-Open MPI, TPU pods) run the same command on every host: JAX's distributed runtime finds its peers.
+Rerunning the same command resumes from the newest checkpoint in the workdir. On several hosts run
+the same command on every host (README.md, "Several hosts"): Slurm, Open MPI and TPU pods are
+detected; elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 from absl import app
@@ -19,15 +20,15 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, conf
 _START_OVER = flags.DEFINE_bool(
     'start_over_if_unreadable', False, 'When the workdir holds checkpoints but none can be read, '
     'set them aside (STEP.unreadable.TIME) and train from step 0, instead of stopping.')
-_MULTIHOST = cli.define_multihost_flag()
-flags.adopt_module_key_flags(cli)  # --multihost, --traceback in --help
+cli.define_multihost_flags()
+flags.adopt_module_key_flags(cli)  # --coordinator_address etc., --traceback in --help
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  cli.start(_MULTIHOST.value)
+  cli.start()
   from bn_inception import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            start_over_if_unreadable=_START_OVER.value)

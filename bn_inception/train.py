@@ -12,6 +12,7 @@ with a larger `num_train_steps` continues as if launched with that length.
 """
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from bn_inception import checkpoints
 from bn_inception import data_spec
@@ -213,6 +215,20 @@ def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.M
           devices, per_device, group_size, devices * group_size)
 
 
+_barriers = itertools.count()
+
+
+def wait_for_all_processes(name: str, timeout_seconds: int = 3600) -> None:
+  """Returns when every process has called it (at once on one process).
+
+  Processes drift apart where they compile on their own, and on CPUs they must reach a new group's
+  first collective within 30 s of each other (gloo's rendezvous, not configurable). This waits at
+  the coordination service instead, which fails it when a process is declared dead.
+  """
+  ocp.multihost.get_barrier_sync_fn()(key=f'bn_inception_{name}_{next(_barriers)}',
+                                      timeout_ms=timeout_seconds * 1000)
+
+
 def global_batches(local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
                    keys: tuple[str, ...], prefetch: int = 2) -> Iterator[dict]:
   """Assembles each host's slices into global arrays sharded over 'data', `prefetch` ahead."""
@@ -337,26 +353,67 @@ class MetricWriter:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag checked between steps (single host; on several hosts Orbax's
-  preemption sync point decides, so that every host stops at the same step)."""
+  """SIGTERM (a cluster pre-empting the job) and SIGINT (Ctrl-C) as a request to save a checkpoint
+  at the end of the step and stop; `reached(step)` is asked once per step.
 
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-    if jax.process_count() == 1:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread: leave signals alone
-        pass
+  On several processes all must stop at the same step, or each would wait in vain for the others
+  to save: they agree through JAX's pre-emption sync point (Orbax's `reached_preemption`), to
+  which `jax.distributed.initialize` connects SIGTERM; SIGINT is passed on to it as a SIGTERM of
+  this process. A second Ctrl-C stops at once, without saving.
+  """
+
+  def __init__(self, mngr, step: int):
+    """`step`: the step training starts from."""
+    self.mngr = mngr
+    self.several = jax.process_count() > 1
+    self.signal = None  # the signal that asked to stop, None on the processes that got none
+    # JAX puts the sync point after the newest step any process has asked about, counting from 0:
+    # a notice that came while this run started up stops it at step 1, which a resumed run never
+    # reaches. Asking about every step up to this one finds such a stop (all processes alike).
+    self.stop_at_once = self.several and any(
+        mngr.reached_preemption(s) for s in range(1, step + 1))
+    catch = (signal.SIGINT,) if self.several else (signal.SIGINT, signal.SIGTERM)
+    try:
+      self._previous = {s: signal.signal(s, self._handle) for s in catch}
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint and stopping.')
-    self.requested = True
+    del frame
+    self.signal = signal.Signals(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+    logging.warning('%s received: saving a checkpoint at the end of this step and stopping%s.',
+                    self.signal.name, ' (Ctrl-C again stops at once, without saving)'
+                    if signum == signal.SIGINT else '')
+    if self.several and signum == signal.SIGINT:
+      os.kill(os.getpid(), signal.SIGTERM)  # to JAX's pre-emption notifier
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (the same answer on every process)."""
+    if self.several:
+      return self.stop_at_once or self.mngr.reached_preemption(step)
+    return self.signal is not None
+
+  def stop(self, step: int) -> None:
+    """Once the checkpoint at `step` is written: says so, or after Ctrl-C raises KeyboardInterrupt,
+    so that the command exits non-zero and a program training several runs (the demo) stops too."""
+    self.mngr.wait_until_finished()
+    if self.signal == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning('Pre-empted: checkpoint saved at step %d in %s; rerun the same command to '
+                    'resume from it.', step, self.mngr.directory)
+
+  def interrupted(self) -> KeyboardInterrupt:
+    """Ctrl-C's exception, saying which checkpoint the run will resume from."""
+    self.mngr.wait_until_finished()  # a save in progress completes first
+    step = self.mngr.latest_step()
+    resume = (f'step {step} (the checkpoint in {self.mngr.directory})' if step is not None
+              else 'step 0 (no checkpoint yet)')
+    return KeyboardInterrupt(f'Interrupted: rerun the same command to resume from {resume}.')
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
 
 
 def evaluate(variables, eval_fn, dataset_config, batch_size: int, mesh) -> dict[str, float]:
@@ -421,7 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                    seed=config.seed, start_step=step),
       mesh, ('image', 'label'))
   writer = MetricWriter(workdir)
-  preemption = Preemption()
+  preemption = Preemption(mngr, step)
 
   def stop_if_diverged():
     bad = int(state.nonfinite_step)
@@ -447,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t = time.perf_counter()
         train_fn = train_fn.lower(state, batch).compile()
         logging.info('Compiled in %.1f s.', time.perf_counter() - t)
+        wait_for_all_processes('compiled')
         interval_start = time.perf_counter()
 
       state, metrics = train_fn(state, batch)
@@ -477,18 +535,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                      results['eval_examples'])
         writer.write(step, results)
 
-      preempted = preemption.requested or mngr.reached_preemption(step)
+      preempted = preemption.reached(step)
       if (step % config.checkpoint_every_steps == 0 or step == config.num_train_steps
           or preempted):
         stop_if_diverged()  # never write a diverged state
         checkpoints.save(mngr, step, state)
       if preempted and step < config.num_train_steps:
-        logging.warning('Pre-empted: checkpoint saved at step %d; rerun the same command to resume.',
-                        step)
+        preemption.stop(step)
         break
 
       if interval_steps == 0:  # evaluation and checkpointing time is not training time
         interval_start = time.perf_counter()
+  except KeyboardInterrupt:  # Ctrl-C: once (after saving) or twice (at once)
+    raise preemption.interrupted() from None
   finally:
     mngr.wait_until_finished()
     mngr.close()

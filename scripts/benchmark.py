@@ -16,6 +16,7 @@ import sys
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 
 # configs/ is imported by path from the repository root, as bn_inception.main does from its cwd.
@@ -43,6 +44,8 @@ _TORCH_COMPILE = flags.DEFINE_enum('torch_compile', 'auto', ['auto', 'true', 'fa
 _PROFILE = flags.DEFINE_string('profile', None, 'Trace one more step into this directory and '
                                'report where its time goes.')
 _XLA_FLAGS = flags.DEFINE_string('xla_flags', '', 'Added to XLA_FLAGS before JAX starts.')
+cli.define_multihost_flags()
+flags.adopt_module_key_flags(cli)
 
 
 def main(argv):
@@ -50,6 +53,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _XLA_FLAGS.value:  # read when JAX first touches a device, which it has not yet
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS.value}".strip()
+  if _PEER.value is None:  # the peer runs first, before JAX starts and keeps the memory it takes
+    cli.start()
   like_port = _PEER.value is not None if _LIKE_PORT.value is None else _LIKE_PORT.value
   config = benchmark.benchmark_config(
       _CONFIG.value, batch_size=_BATCH_SIZE.value, image_size=_IMAGE_SIZE.value,
@@ -60,7 +65,8 @@ def main(argv):
                          torch_compile=torch_compile, profile_dir=_PROFILE.value)
   result = {'config': config_flags.get_config_filename(flags.FLAGS['config']),
             'like_port': like_port, **result}
-  print(json.dumps(result))
+  if jax.process_index() == 0:  # one line for the whole run
+    print(json.dumps(result))
 
 
 if __name__ == '__main__':

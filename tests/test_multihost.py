@@ -1,0 +1,277 @@
+"""Several processes for real, on 127.0.0.1: two processes train as one run, a lost one stops the
+other within the heartbeat timeout, SIGTERM stops both at one step and the run resumes bitwise,
+evaluation counts every example once; Ctrl-C saves and says where the run resumes.
+
+The suite's most expensive tests: every launch starts processes that each compile (JAX reads the
+persistent compilation cache on every process, but on CPUs only process 0 finds its programs
+there). They run a tiny BN-x30 on digits with the tests' compilation cache, and share launches:
+one run serves the one-run checks, the lost-process checks and the reference of the resume.
+Every wait has a timeout, every process started is killed at the end, and a failing check shows
+the processes' output.
+"""
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bn_inception import checkpoints
+from bn_inception import evaluate
+from bn_inception import launch
+from bn_inception import predictions
+from bn_inception import train
+from configs import bn_x30
+from configs import default
+from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEARTBEAT_TIMEOUT = 10  # --heartbeat_timeout for the killed-process test (default 100 s)
+SLACK = 30  # seconds a loaded 2-core machine may add to it
+
+# BN-x30 at the digits scale, shrunk as tests/test_train.py shrinks it; never evaluated, every step
+# logged, checkpoints kept.
+OVERRIDES = {'model.width': 0.125, 'batch_size': 16, 'model.bn_group_size': 2,
+             'dataset.image_size': 32, 'log_every_steps': 1, 'eval_every_steps': 100000,
+             'num_train_steps': 100000, 'keep_checkpoints': 100}
+
+
+def digits_config(**overrides):
+  config = bn_x30.get_config('digits')
+  for key, value in {**OVERRIDES, **overrides}.items():
+    *path, last = key.split('.')
+    target = config
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return config
+
+
+def train_command(workdir, **overrides):
+  return [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py:digits',
+          f'--workdir={workdir}',
+          *(f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items())]
+
+
+def environment(devices_per_process=4):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+              JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=REPO,
+              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', PYTHONUNBUFFERED='1')
+
+
+class Processes:
+  """Commands started together, their output gathered line by line."""
+
+  def __init__(self, commands, env):
+    self.procs, self.lines = [], []
+    for command in commands:
+      proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, errors='replace',
+                              start_new_session=True)
+      lines = []
+      threading.Thread(target=lambda p=proc, l=lines: l.extend(p.stdout), daemon=True).start()
+      self.procs.append(proc)
+      self.lines.append(lines)
+
+  def output(self, i=None) -> str:
+    if i is None:
+      return '\n'.join(f'--- command {j} ---\n{self.output(j)}' for j in range(len(self.procs)))
+    return ''.join(self.lines[i])
+
+  def wait_for(self, condition, timeout, what):
+    deadline = time.time() + timeout
+    while not condition():
+      assert all(p.poll() is None for p in self.procs), f'exited before {what}:\n{self.output()}'
+      assert time.time() < deadline, f'no {what} within {timeout} s:\n{self.output()}'
+      time.sleep(0.2)
+
+  def wait(self, timeout, procs=None) -> list[int]:
+    deadline = time.time() + timeout
+    for p in procs or self.procs:
+      try:
+        p.wait(timeout=max(deadline - time.time(), 0.1))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f'still running after {timeout} s:\n{self.output()}')
+    time.sleep(0.5)  # the last lines
+    return [p.returncode for p in procs or self.procs]
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture(scope='module')
+def start():
+  """start(commands, env) -> Processes; every process is killed when the module's tests end."""
+  started = []
+  yield lambda commands, env: started.append(Processes(commands, env)) or started[-1]
+  for processes in started:
+    processes.kill()
+
+
+def logged_steps(output: str) -> list[int]:
+  return [int(s) for s in re.findall(r'train.py:\d+\] step (\d+) \(paper step', output)]
+
+
+def restore(workdir, step, names=('params', 'batch_stats', 'opt_state')):
+  """The arrays of a checkpoint as numpy arrays (it was saved by processes of 4 devices)."""
+  mngr = checkpoints.manager(str(workdir), read_only=True)
+  return checkpoints.restore_latest(mngr, step=step, only=names)[1]
+
+
+@pytest.fixture(scope='module')
+def killed_run(start, tmp_path_factory):
+  """Two processes started by hand (no launcher) train with a checkpoint every step; once step 3
+  is saved, process 1 stops dead (SIGSTOP: its connections stay open, as when a host loses power,
+  so only the heartbeat can tell) and is then killed (SIGKILL). Returns (workdir, processes,
+  seconds process 0 outlived process 1).
+
+  A process killed on the same machine closes its connections, and the other then fails at once
+  in a collective with it (on CPUs gloo aborts): the heartbeat bound is the one to test."""
+  workdir = tmp_path_factory.mktemp('killed') / 'run'
+  address = f'127.0.0.1:{launch.free_port()}'
+  processes = start([
+      train_command(workdir, checkpoint_every_steps=1) + [
+          f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}',
+          f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}'] for i in range(2)], environment())
+  processes.wait_for(lambda: (workdir / 'checkpoints' / '3').is_dir(), 600, 'checkpoint 3')
+  os.killpg(processes.procs[1].pid, signal.SIGSTOP)
+  stopped = time.time()
+  processes.wait(HEARTBEAT_TIMEOUT + SLACK, processes.procs[:1])
+  seconds = time.time() - stopped
+  os.killpg(processes.procs[1].pid, signal.SIGKILL)
+  return workdir, processes, seconds
+
+
+def test_two_processes_train_as_one_run(killed_run):
+  """Each process says which it is and sees 8 devices; they log the same steps with the same
+  losses (one global batch); metrics are written once (by process 0); checkpoints hold the steps."""
+  workdir, processes, _ = killed_run
+  for i in range(2):
+    out = processes.output(i)
+    assert f'Process {i} of 2: 4 local devices, 8 in all (cpu)' in out, out
+    assert 'on 8 device(s), 2 host(s)' in out, out
+  losses = [re.findall(r'\] step (\d+) \(paper step \d+\): loss (\S+),', processes.output(i))
+            for i in range(2)]
+  assert losses[1] == losses[0][:len(losses[1])] and len(losses[1]) >= 3, processes.output()
+  metrics = [line for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  steps = [int(re.search(r'"step": (\d+)', line).group(1)) for line in metrics]
+  assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3  # each step once
+  assert {1, 2, 3} <= set(checkpoints.manager(str(workdir), read_only=True).all_steps())
+
+
+def test_a_lost_process_stops_the_other_within_the_heartbeat_timeout(killed_run, caplog):
+  """Process 1 lost: process 0 exits non-zero within --heartbeat_timeout (and a margin for a
+  loaded machine), JAX's coordination service naming task 1. The newest complete checkpoint
+  resumes, here on one process of 8 devices (digits batches do not depend on the process count)."""
+  workdir, processes, seconds = killed_run
+  assert processes.procs[0].returncode != 0, processes.output(0)
+  assert seconds < HEARTBEAT_TIMEOUT + SLACK
+  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b',
+                   processes.output(0)), processes.output(0)
+  newest = checkpoints.manager(str(workdir), read_only=True).latest_step()
+  caplog.set_level(logging.INFO)
+  state = train.train_and_evaluate(digits_config(num_train_steps=newest + 1), str(workdir))
+  assert int(state.step) == newest + 1
+  assert f'Resumed from the checkpoint at step {newest}' in caplog.text
+
+
+def test_sigterm_stops_both_processes_at_one_step_and_the_resumed_run_is_bitwise_the_same(
+    killed_run, start, tmp_path):
+  """A copy of the run at its checkpoint 1, resumed through the launcher: SIGTERM to both
+  processes during compilation stops them at the same step with one checkpoint, exit status 0;
+  that checkpoint equals the uninterrupted run's at the same step, bit for bit."""
+  reference, _, _ = killed_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference / 'checkpoints' / '1', workdir / 'checkpoints' / '1')
+  shutil.copy(reference / 'config.json', workdir / 'config.json')
+  processes = start([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+                      *train_command(workdir)]], environment())
+  compiling = lambda: processes.output().count('Compiling the training step') == 2
+  processes.wait_for(compiling, 300, 'compilation on both processes')
+  processes.procs[0].send_signal(signal.SIGTERM)  # the launcher passes it on to both
+  assert processes.wait(300) == [0], processes.output()
+  out = processes.output()
+  saved = re.findall(r'\[(\d)\] .*Pre-empted: checkpoint saved at step (\d+)', out)
+  assert sorted(i for i, _ in saved) == ['0', '1'] and saved[0][1] == saved[1][1], out
+  step = int(saved[0][1])
+  assert out.count('Resumed from the checkpoint at step 1') == 2, out
+  assert sorted(checkpoints.manager(str(workdir), read_only=True).all_steps()) == [1, step]
+  assert logged_steps(out) == sorted(2 * list(range(2, step + 1))), out
+  assert 1 < step <= 3, out  # the reference holds steps 1 ... 3
+  np.testing.assert_equal(restore(workdir, step), restore(reference, step))
+
+
+def test_evaluation_on_two_processes_counts_every_image_once(tiny_imagenet, start, tmp_path):  # noqa: F811
+  """Freshly initialised weights on the tiny ImageNet archives, evaluated by two processes (6 of
+  the 12 validation images each, in padded batches): the predictions file, written by process 0
+  alone, holds every image once with its label and the probabilities of a one-process evaluation."""
+  config = default.get_config()
+  config.dataset = tiny_imagenet.config
+  config.model.width = 0.125
+  config.eval_batch_size = 8  # 4 per process: each process's 6 images take 2 batches, 2 padded
+  workdir = str(tmp_path / 'run')
+  mesh = train.make_mesh()
+  state = train.setup(config, 1000, mesh).state
+  checkpoints.write_config(workdir, config)
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, 0, state)
+  mngr.wait_until_finished()
+  output = tmp_path / 'val.npz'
+  processes = start([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+                      sys.executable, '-m', 'bn_inception.evaluate', f'--workdir={workdir}',
+                      f'--output={output}']], environment())
+  assert processes.wait(300) == [0], processes.output()
+  out = processes.output()
+  assert re.search(r'\[0\] step 0 \(paper step 0\), crops=center, .* 12 examples', out), out
+  assert f'[0] Wrote {output}' in out and '[1] step 0' not in out and '[1] Wrote' not in out, out
+  p = predictions.load(str(output)).sorted_by_id()
+  val = tiny_imagenet.manifest['validation']
+  assert p.ids.tolist() == sorted(val)
+  assert p.labels.tolist() == [tiny_imagenet.label_index[val[i]] for i in p.ids]
+  one = evaluate.evaluate_checkpoint(config, workdir, batch_size=8).sorted_by_id()
+  np.testing.assert_array_equal(one.ids, p.ids)
+  np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
+
+
+def test_launcher_ends_the_others_when_one_process_fails(start):
+  """The launcher passes each process its id, prefixes its lines, and when process 1 fails kills
+  process 0 (which would sleep a minute) and exits with process 1's status."""
+  code = ('import sys, time; i = sys.argv[-1].split("=")[1]; print("process", i, sys.argv[1:]); '
+          'sys.stdout.flush(); sys.exit(3) if i == "1" else time.sleep(60)')
+  processes = start([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+                      sys.executable, '-c', code]], environment())
+  assert processes.wait(30) == [3], processes.output()
+  out = processes.output()
+  assert re.search(r"\[1\] process 1 \['--coordinator_address=127\.0\.0\.1:\d+', "
+                   r"'--num_processes=2', '--process_id=1'\]", out), out
+  assert '[launch] process 1 exited with status 3: ending the others' in out, out
+  assert 'statuses: 137, 3' in out, out  # process 0 killed (128 + SIGKILL)
+
+
+def test_ctrl_c_saves_and_says_where_the_run_resumes(start, tmp_path):
+  """Ctrl-C (SIGINT) on a one-process run: a checkpoint at the interrupted step, exit status 130
+  and, last, one line naming the checkpoint the run will resume from; no traceback."""
+  workdir = tmp_path / 'run'
+  processes = start([train_command(workdir)], environment(devices_per_process=8))
+  processes.wait_for(lambda: 2 in logged_steps(processes.output()), 300, 'step 2')
+  processes.procs[0].send_signal(signal.SIGINT)
+  assert processes.wait(120) == [130], processes.output()
+  out = processes.output()
+  steps = checkpoints.manager(str(workdir), read_only=True).all_steps()
+  assert len(steps) == 1 and steps[0] >= 2, out
+  assert out.strip().splitlines()[-1] == (
+      f'Interrupted: rerun the same command to resume from step {steps[0]} (the checkpoint in '
+      f'{workdir}/checkpoints).'), out
+  assert 'Traceback' not in out, out
