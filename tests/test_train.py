@@ -177,61 +177,67 @@ def test_ema_weights_are_evaluated_with_their_own_statistics(ema_run):
   assert_trees_equal(loaded.ema_batch_stats, state.batch_stats)
 
 
-def poison(batch):
+def diverging_config(**overrides):
+  """ema_config whose learning rate becomes inf at step 3 (the first decay, x inf): the parameters
+  overflow with a finite loss and finite gradients."""
+  return ema_config(lr_decay_factor=float('inf'), **overrides)
+
+
+def overflowing(batch):
   """Images x 1e20: the first BN's variance overflows to inf; normalised by it, the activations are
-  0, and the loss stays finite."""
+  0, and the loss stays finite (from the initial state, the gradients too)."""
   return dict(batch, image=batch['image'] * 1e20)
 
 
 def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   """Two finite steps move the EMA of the weights and of the BN statistics with the warmed-up decays
-  min(0.9, 1/10) = 0.1 and min(0.9, 2/11). Step 2 overflows the BN variances with a finite loss:
-  from it on, every array of the state stays as it was after step 1 (the last finite step), only
-  the step counter moves, and nonfinite_step names step 2."""
-  config = ema_config()
+  min(0.9, 1/10) = 0.1 and min(0.9, 2/11). At step 3 the learning rate is inf: from that step on
+  every array of the state stays as it was after step 2, the last finite step, and nonfinite_step
+  names step 3. A batch that overflows the BN variances (finite loss and gradients, an infinite
+  running variance) is caught the same way, and a finite step after it changes nothing either."""
+  config = diverging_config()
   mesh = train.make_mesh()
   program = train.setup(config, DIGITS_TRAIN, mesh)
+  batches = [batch for batch, _ in itertools.islice(global_train_batches(config, mesh), 5)]
   history = [jax.device_get(program.state)]
   state = program.state
-  for step, (batch, _) in enumerate(itertools.islice(global_train_batches(config, mesh), 4)):
-    state, step_metrics = program.train_step(state, poison(batch) if step == 2 else batch)
+  for batch in batches:
+    state, step_metrics = program.train_step(state, batch)
     history.append(jax.device_get(state))
     assert np.isfinite(step_metrics['loss'])  # the guard must look past the loss
 
-  s0, s1, s2 = history[:3]
+  s0, s1, s2, s3 = history[:4]
   for ema_name, name in (('ema_params', 'params'), ('ema_batch_stats', 'batch_stats')):
     ema1 = jax.tree.map(lambda e, x: 0.1 * e + 0.9 * x, getattr(s0, ema_name), getattr(s1, name))
     ema2 = jax.tree.map(lambda e, x: 2 / 11 * e + 9 / 11 * x, ema1, getattr(s2, name))
     for expected, s in ((ema1, s1), (ema2, s2)):
       for a, b in zip(leaves(getattr(s, ema_name)), leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  assert not np.array_equal(s2.params['logits']['kernel'], s1.params['logits']['kernel'])
 
-  assert [int(s.step) for s in history] == [0, 1, 2, 3, 4]
-  assert [int(s.nonfinite_step) for s in history] == [-1, -1, -1, 2, 2]
-  for s in history[3:]:
-    assert_trees_equal(s.replace(step=0, nonfinite_step=0), s2.replace(step=0, nonfinite_step=0))
+  arrays = lambda s: s.replace(step=0, nonfinite_step=0)
+  assert not np.array_equal(s3.params['logits']['kernel'], s2.params['logits']['kernel'])
+  assert [int(s.step) for s in history] == [0, 1, 2, 3, 4, 5]
+  assert [int(s.nonfinite_step) for s in history] == [-1, -1, -1, -1, 3, 3]
+  for s in history[4:]:
+    assert_trees_equal(arrays(s), arrays(s3))
+
+  state, step_metrics = program.train_step(s0, overflowing(batches[0]))
+  assert np.isfinite(step_metrics['loss'])
+  state, _ = program.train_step(state, batches[1])  # finite, yet frozen
+  assert (int(state.step), int(state.nonfinite_step)) == (2, 0)
+  assert_trees_equal(arrays(jax.device_get(state)), arrays(s0))
 
 
-def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(
-    tmp_path, monkeypatch):
+def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(tmp_path):
   """The loop stops at its next check after a non-finite step, naming that step and the last good
   checkpoint; every checkpoint written is finite."""
-  poisoned_step = 3
-  original = input_pipeline.train_batches
-
-  def poisoned(*args, start_step=0, **kwargs):
-    for step, batch in enumerate(original(*args, start_step=start_step, **kwargs), start_step):
-      yield poison(batch) if step == poisoned_step else batch
-
-  monkeypatch.setattr(input_pipeline, 'train_batches', poisoned)
-  config = ema_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
-                      eval_every_steps=100)
-  with pytest.raises(FloatingPointError, match=rf'not finite at step {poisoned_step} \(paper step '
-                     rf'1\)\. The last good checkpoint is step {poisoned_step} in'):
+  config = diverging_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
+                            eval_every_steps=100)
+  with pytest.raises(FloatingPointError, match=r'not finite at step 3 \(paper step 1\)\. The '
+                     r'last good checkpoint is step 3 in'):
     train.train_and_evaluate(config, str(tmp_path))
   mngr = checkpoints.manager(str(tmp_path), read_only=True)
-  assert mngr.latest_step() == poisoned_step
+  assert mngr.latest_step() == 3
   for step in mngr.all_steps():
     _, state = checkpoints.restore_latest(mngr, step=step)
     assert all(np.isfinite(x).all() for x in leaves(state))
