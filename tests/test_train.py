@@ -100,12 +100,12 @@ def test_end_to_end_on_digits_learns(ema_run, caplog):
   test example once, and leaves its workdir complete."""
   config, workdir, state = ema_run
   assert int(state.step) == LEARN_STEPS
-  metrics = read_metrics(workdir)
-  train_lines = [m for m in metrics if 'loss' in m]
-  eval_lines = [m for m in metrics if 'eval_top1' in m]
+  lines = read_metrics(workdir)
+  train_lines = [m for m in lines if 'loss' in m]
+  eval_lines = [m for m in lines if 'eval_top1' in m]
   assert [m['step'] for m in train_lines] == [20, 40, 60, 80]
   assert [m['step'] for m in eval_lines] == [40, 80]
-  assert all(m['paper_step'] == m['step'] * 16 // 32 for m in metrics)
+  assert all(m['paper_step'] == m['step'] * 16 // 32 for m in lines)
   assert all(m['img_per_s'] > 0 for m in train_lines)
   losses = [m['loss'] for m in train_lines]
   assert losses[0] > 2.0 and losses[-1] < 0.8 * losses[0], losses  # from chance, ln 10 = 2.3
