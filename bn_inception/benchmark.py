@@ -453,7 +453,8 @@ def run_torch(config, *, steps: int, warmup_steps: int,
     net.global_pool = torch.nn.AdaptiveAvgPool2d(1)
   net = net.to(device, memory_format=torch.channels_last).train()
   optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=config.momentum,
-                              weight_decay=config.weight_decay, fused=cuda or None)
+                              nesterov=config.nesterov, weight_decay=config.weight_decay,
+                              fused=cuda or None)
   forward = torch.compile(net) if torch_compile else net
   images = (torch.rand(b, 3, s, s, device=device) * 2 - 1).contiguous(
       memory_format=torch.channels_last)

@@ -109,6 +109,7 @@ TRAINING: dict[str, Rule] = {
     'lr_decay_epochs': number(0, low_open=True),
     'warmup_epochs': number(0),
     'momentum': number(0, 1, high_open=True),
+    'nesterov': BOOLEAN,
     'weight_decay': number(0),
     'ema_decay': or_none(number(0, 1, high_open=True), 'no EMA weights'),
     'seed': integer(0),

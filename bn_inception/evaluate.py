@@ -47,16 +47,17 @@ def restore_variables(workdir: str, step: Optional[int] = None,
                       weights: str = 'auto') -> tuple[int, dict, str]:
   """(step, {'params', 'batch_stats'}, weights used) of a checkpoint (default: the newest).
 
-  `weights`: 'raw', 'ema' (the Polyak/EMA weights: an error when the run kept none) or 'auto' (EMA
-  when kept, as training evaluates). Only those arrays are read, as numpy arrays, so checkpoints of
-  training runs (optimizer state, EMA, ...) and of the converter (params, batch_stats) both load, on
-  any number of devices.
+  `weights`: 'raw' (the weights with their running-average BN statistics), 'ema' (the Polyak/EMA
+  weights with the EMA of the statistics: an error when the run kept none) or 'auto' (EMA when
+  kept, as training evaluates). Only those arrays are read, as numpy arrays, so checkpoints of
+  training runs (optimizer state, ...) and of the converter (params, batch_stats) both load, on any
+  number of devices.
   """
   if weights not in WEIGHTS:
     raise errors.ConfigError(f'Unknown weights {weights!r}; valid: {list(WEIGHTS)}.')
   mngr = checkpoints.manager(workdir, read_only=True)
   step, state = checkpoints.restore_latest(
-      mngr, step=step, only=('params', 'ema_params', 'batch_stats'))
+      mngr, step=step, only=('params', 'batch_stats', 'ema_params', 'ema_batch_stats'))
   if state is None:
     raise errors.NotFoundError(f'{checkpoints.checkpoint_dir(workdir)} holds no checkpoint.')
   if weights == 'ema' and state['ema_params'] is None:
@@ -64,8 +65,13 @@ def restore_variables(workdir: str, step: Optional[int] = None,
         f'The checkpoint at step {step} in {workdir} holds no EMA weights (the run had '
         'config.ema_decay=None): use --weights=raw.')
   used = 'ema' if weights != 'raw' and state['ema_params'] is not None else 'raw'
-  params = state['ema_params'] if used == 'ema' else state['params']
-  return step, {'params': params, 'batch_stats': state['batch_stats'] or {}}, used
+  if used == 'ema' and state['ema_batch_stats'] is None and state['batch_stats']:
+    raise ValueError(f'The checkpoint at step {step} in {workdir} holds EMA weights without the '
+                     'EMA of the BN statistics that goes with them (it predates it): use '
+                     '--weights=raw.')
+  prefix = 'ema_' if used == 'ema' else ''
+  return step, {'params': state[prefix + 'params'],
+                'batch_stats': state[prefix + 'batch_stats'] or {}}, used
 
 
 def predict_batches(model, variables, local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
@@ -108,15 +114,6 @@ def allgather_ids(ids: np.ndarray) -> np.ndarray:
   return np.char.decode(np.ascontiguousarray(rows).view(f'S{width}').reshape(-1), 'utf-8')
 
 
-def default_batch_size(config: ml_collections.ConfigDict, crops: str,
-                       mesh: jax.sharding.Mesh) -> int:
-  """Images per step: about config.eval_batch_size crops (so 144 crops fit where 1 does), a
-  multiple of the device count."""
-  devices = mesh.devices.size
-  images = (config.eval_batch_size or config.batch_size) // data_spec.num_crops(crops)
-  return max(devices, images // devices * devices)
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
                         step: Optional[int] = None, crops: Optional[str] = None,
                         weights: str = 'auto', batch_size: Optional[int] = None,
@@ -124,13 +121,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   """Predictions of a checkpoint of `workdir` (default: the newest) on config's eval split.
 
   crops: 'center' | '10' | '144' (default config.dataset.eval_crops); batch_size: images per step
-  over all devices and hosts (default: default_batch_size). `predictions.accuracy(result)` gives
+  over all devices and hosts (default: train.eval_batch_size). `predictions.accuracy(result)` gives
   top-1/top-5.
   """
   config_checks.check(config, training=False)
   mesh = mesh or train.make_mesh()
   crops = crops or config.dataset.eval_crops
-  batch_size = batch_size or default_batch_size(config, crops, mesh)
+  batch_size = batch_size or train.eval_batch_size(config, crops, mesh)
   train.check_batch(batch_size, None, mesh)  # no BN groups at inference
   info = input_pipeline.get_info(config.dataset)
   config_checks.check_num_classes(config, info)

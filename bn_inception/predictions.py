@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 
 from bn_inception import errors
-from bn_inception import train
+from bn_inception import metrics
 
 
 @dataclasses.dataclass
@@ -38,7 +38,8 @@ class Predictions:
 
 def accuracy(p: Predictions) -> dict[str, float]:
   """Top-1 and top-5 accuracy of the averaged probabilities, over every example once."""
-  correct = {k: np.asarray(train.topk_correct(p.probs, p.labels, k)) for k in (1, 5)}
+  correct = {k: metrics.topk_correct(np.asarray(p.probs), np.asarray(p.labels), k)
+             for k in (1, 5)}
   return {f'top{k}': float(c.sum(dtype=np.float64)) / p.num_examples for k, c in correct.items()}
 
 

@@ -40,6 +40,9 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       separable_stem=True,
       channels='paper',
       width=1.0,
+      # Per training step: running = 0.9 * running + 0.1 * batch statistic (PyTorch's momentum=0.1).
+      # The population statistics then average about the last 1 / (1 - 0.9) = 10 steps: 320 images
+      # at batch 32, 40,960 at batch 4096 (the paper gives no value; see README, Training).
       bn_momentum=0.9,
       bn_epsilon=1e-5,
       bn_group_size=ml_collections.FieldReference(32, field_type=object),  # None: whole batch
@@ -78,14 +81,23 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   # Optimisation (paper section 4.2; design.md section 4 says which values are ours).
   c.learning_rate = 0.0015  # per 32 images
   c.momentum = 0.9
-  c.weight_decay = 4e-5  # L2 on conv and dense kernels, 0.5 * wd * |w|^2 added to the loss
+  # False: heavy-ball momentum, v = momentum * v + gradient, w -= lr * v. The paper's "SGD with
+  # momentum (Sutskever et al., 2013)" cites a study of both heavy-ball and Nesterov's momentum
+  # without saying which it used; heavy-ball is the default of TensorFlow's MomentumOptimizer and
+  # Caffe's SGD solver. True: Nesterov's (optax.sgd(nesterov=True)).
+  c.nesterov = False
+  c.weight_decay = 4e-5  # L2 on conv and dense kernels: 0.5 * wd * |w|^2, as the gradient wd * w
   c.lr_decay_factor = 0.96
   c.lr_decay_epochs = 8.0  # staircase: x lr_decay_factor every lr_decay_epochs
   c.warmup_epochs = 0.0
-  c.ema_decay = ml_collections.FieldReference(None, field_type=object)  # Polyak/EMA of weights
+  # Polyak/EMA of the weights *and* of the BN statistics (evaluated together), with the decay warmed
+  # up as min(ema_decay, (1 + step) / (10 + step)); None: no EMA. E.g. 0.9999.
+  c.ema_decay = ml_collections.FieldReference(None, field_type=object)
 
   c.batch_size = 256  # global, over all devices and hosts
-  c.eval_batch_size = ml_collections.FieldReference(None, field_type=object)  # None: batch_size
+  # Crops per evaluation step (images: this // crops per image, a multiple of the devices); None:
+  # batch_size.
+  c.eval_batch_size = ml_collections.FieldReference(None, field_type=object)
   c.paper_steps = 15_000_000  # training length in 32-image steps
   c.num_train_steps = c.get_ref('paper_steps') * 32 // c.get_ref('batch_size')
   c.seed = 0

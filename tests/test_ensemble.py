@@ -42,6 +42,22 @@ def test_top5_on_hand_made_probabilities():
   assert acc == {'top1': 0.25, 'top5': 0.75}
 
 
+def test_report_never_counts_a_nonfinite_row():
+  """A member with NaN and inf rows: those rows are wrong for it and for the ensemble (whose mean
+  is NaN or inf there), and right for the finite member."""
+  labels = np.arange(4) % 3
+  right = np.eye(3, dtype=np.float32)[labels]
+  broken = right.copy()
+  broken[:2] = np.nan
+  broken[2] = [np.inf, 0, 0]  # label 2
+  members = [Predictions(right, labels, np.arange(4), {}),
+             Predictions(broken, labels, np.arange(4), {})]
+  combined = ensemble.ensemble(members, ['right', 'broken'])
+  rows = ensemble.report(members, ['right', 'broken'], combined)
+  assert [(r['name'], r['top1'], r['top5']) for r in rows] == [
+      ('right', 1.0, 1.0), ('broken', 0.25, 0.25), ('ensemble', 0.25, 0.25)]
+
+
 def test_ensemble_of_a_file_with_itself_is_the_file(tmp_path):
   p = member(0)
   predictions.save(str(tmp_path / 'a.npz'), shuffled(p, 1))

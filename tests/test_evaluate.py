@@ -191,17 +191,37 @@ def test_weights_raw_ema_auto(run, centre, tmp_path):
   with pytest.raises(ValueError, match='holds no EMA weights.*--weights=raw'):
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'converted'), weights='ema')
 
-  # EMA weights that always answer class 3.
+  # EMA weights that always answer class 3, with their statistics.
   ema = jax.tree.map(lambda x: x, variables['params'])
   ema['logits']['bias'] = ema['logits']['bias'] + np.float32(100) * (np.arange(10) == 3)
   mngr = checkpoints.manager(str(tmp_path / 'ema'))
-  checkpoints.save(mngr, 7, {'step': np.int32(7), 'ema_params': ema, **variables})
+  checkpoints.save(mngr, 7, {'step': np.int32(7), 'ema_params': ema,
+                             'ema_batch_stats': variables['batch_stats'], **variables})
   mngr.wait_until_finished()
   for weights in ('ema', 'auto'):
     p = evaluate.evaluate_checkpoint(config, str(tmp_path / 'ema'), weights=weights)
     assert p.meta['weights'] == 'ema' and np.all(p.probs.argmax(1) == 3)
   raw = evaluate.evaluate_checkpoint(config, str(tmp_path / 'ema'), weights='raw')
   np.testing.assert_array_equal(raw.probs, centre.probs)
+  # EMA weights without their statistics (a checkpoint from before they were kept) are refused.
+  checkpoints.save(mngr, 8, {'step': np.int32(8), 'ema_params': ema, **variables})
+  mngr.wait_until_finished()
+  with pytest.raises(ValueError, match='without the EMA of the BN statistics.*--weights=raw'):
+    evaluate.restore_variables(str(tmp_path / 'ema'), weights='auto')
+
+
+def test_accuracy_never_counts_a_nonfinite_row():
+  """predictions.accuracy on hand-made probabilities: a row with a NaN or an inf is wrong wherever
+  the label's score stands (NaN compares false: it used to rank first); ties count against the
+  label."""
+  nan, inf = np.nan, np.inf
+  probs = np.array([[nan, nan, nan, nan],  # all NaN
+                    [0.1, nan, 0.6, 0.3],  # one NaN, the label 2 highest of the rest
+                    [inf, 0.0, 0.0, 0.0],  # inf on the label
+                    [0.4, 0.4, 0.2, 0.0],  # the label 1 tied first: top-5 only
+                    [0.1, 0.6, 0.2, 0.1]], np.float32)  # right
+  p = predictions.Predictions(probs, np.array([0, 2, 0, 1, 1]), np.arange(5), {})
+  assert predictions.accuracy(p) == {'top1': 1 / 5, 'top5': 2 / 5}
 
 
 def test_predictions_file_round_trip(tmp_path):

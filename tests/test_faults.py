@@ -205,6 +205,22 @@ def test_every_config_passes_the_checks(name):
     config_checks.check(module.get_config(scale))
 
 
+def test_every_config_field_has_a_rule():
+  """A new config field gets a rule (or is named here, with the reason it needs none)."""
+  unchecked = {'scale': 'chosen by the config argument',
+               'paper_steps': 'num_train_steps is derived from it and checked',
+               'dataset.data_dir': 'a path, checked by TFDS', 'dataset.manual_dir': 'likewise'}
+
+  def fields(section, prefix=''):
+    for key, value in section.items():
+      if isinstance(value, dict):
+        yield from fields(value, f'{prefix}{key}.')
+      else:
+        yield prefix + key
+
+  assert set(fields(default.get_config().to_dict())) - set(unchecked) == set(config_checks.TRAINING)
+
+
 def test_num_train_steps_0_is_refused():
   with pytest.raises(errors.ConfigError, match='num_train_steps = 0: must be an integer >= 1'):
     train.train_and_evaluate(tiny_config(num_train_steps=0), '/nonexistent/never/written')
