@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bn_inception import ensemble
+from bn_inception import errors
 from bn_inception import layers
 from bn_inception import predictions
 from bn_inception.predictions import Predictions
@@ -43,8 +44,8 @@ def test_top5_on_hand_made_probabilities():
 
 
 def test_report_never_counts_a_nonfinite_row():
-  """A member with NaN and inf rows: those rows are wrong for it and for the ensemble (whose mean
-  is NaN or inf there), and right for the finite member."""
+  """A member with NaN and inf rows: those rows are wrong in its row of the report, the finite
+  member's are right; the ensemble refuses such a member (its mean would be NaN or inf there)."""
   labels = np.arange(4) % 3
   right = np.eye(3, dtype=np.float32)[labels]
   broken = right.copy()
@@ -52,10 +53,11 @@ def test_report_never_counts_a_nonfinite_row():
   broken[2] = [np.inf, 0, 0]  # label 2
   members = [Predictions(right, labels, np.arange(4), {}),
              Predictions(broken, labels, np.arange(4), {})]
-  combined = ensemble.ensemble(members, ['right', 'broken'])
-  rows = ensemble.report(members, ['right', 'broken'], combined)
-  assert [(r['name'], r['top1'], r['top5']) for r in rows] == [
-      ('right', 1.0, 1.0), ('broken', 0.25, 0.25), ('ensemble', 0.25, 0.25)]
+  rows = ensemble.report(members, ['right', 'broken'], members[0])
+  assert [(r['name'], r['top1'], r['top5']) for r in rows[:2]] == [
+      ('right', 1.0, 1.0), ('broken', 0.25, 0.25)]
+  with pytest.raises(errors.InputFileError, match='not finite'):
+    ensemble.ensemble(members, ['right', 'broken'])
 
 
 def test_ensemble_of_a_file_with_itself_is_the_file(tmp_path):

@@ -181,7 +181,7 @@ def test_a_lost_process_stops_the_other_within_the_heartbeat_timeout(killed_run,
   assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b',
                    processes.output(0)), processes.output(0)
   newest = checkpoints.manager(str(workdir), read_only=True).latest_step()
-  caplog.set_level(logging.INFO)
+  caplog.set_level(logging.INFO, logger='absl')  # parsed flags set absl's own level
   state = train.train_and_evaluate(digits_config(num_train_steps=newest + 1), str(workdir))
   assert int(state.step) == newest + 1
   assert f'Resumed from the checkpoint at step {newest}' in caplog.text

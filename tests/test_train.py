@@ -177,10 +177,14 @@ def test_ema_weights_are_evaluated_with_their_own_statistics(ema_run):
   assert_trees_equal(loaded.ema_batch_stats, state.batch_stats)
 
 
-def diverging_config(**overrides):
-  """ema_config whose learning rate becomes inf at step 3 (the first decay, x inf): the parameters
-  overflow with a finite loss and finite gradients."""
-  return ema_config(lr_decay_factor=float('inf'), **overrides)
+@pytest.fixture
+def inf_learning_rate_from_step_3(monkeypatch):
+  """The learning rate becomes inf at step 3, so that the parameters overflow with a finite loss and
+  finite gradients. No config may ask for that (config_checks refuses an inf decay factor): the
+  schedule is patched."""
+  schedule = train.learning_rate_schedule
+  monkeypatch.setattr(train, 'learning_rate_schedule', lambda config, n: (
+      lambda step: jnp.where(step >= 3, jnp.inf, schedule(config, n)(step))))
 
 
 def overflowing(batch):
@@ -189,13 +193,14 @@ def overflowing(batch):
   return dict(batch, image=batch['image'] * 1e20)
 
 
+@pytest.mark.usefixtures('inf_learning_rate_from_step_3')
 def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   """Two finite steps move the EMA of the weights and of the BN statistics with the warmed-up decays
   min(0.9, 1/10) = 0.1 and min(0.9, 2/11). At step 3 the learning rate is inf: from that step on
   every array of the state stays as it was after step 2, the last finite step, and nonfinite_step
   names step 3. A batch that overflows the BN variances (finite loss and gradients, an infinite
   running variance) is caught the same way, and a finite step after it changes nothing either."""
-  config = diverging_config()
+  config = ema_config()
   mesh = train.make_mesh()
   program = train.setup(config, DIGITS_TRAIN, mesh)
   batches = [batch for batch, _ in itertools.islice(global_train_batches(config, mesh), 5)]
@@ -228,10 +233,11 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   assert_trees_equal(arrays(jax.device_get(state)), arrays(s0))
 
 
+@pytest.mark.usefixtures('inf_learning_rate_from_step_3')
 def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(tmp_path):
   """The loop stops at its next check after a non-finite step, naming that step and the last good
   checkpoint; every checkpoint written is finite."""
-  config = diverging_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
+  config = ema_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
                             eval_every_steps=100)
   with pytest.raises(FloatingPointError, match=r'not finite at step 3 \(paper step 1\)\. The '
                      r'last good checkpoint is step 3 in'):
