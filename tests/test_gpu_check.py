@@ -13,8 +13,10 @@ import textwrap
 
 import pytest
 
+from bn_inception import convert
 from bn_inception import gpu_check
 from bn_inception import precision_check
+import optional_deps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='',
@@ -54,6 +56,8 @@ def check_results(out_dir, steps):
 
 
 def smoke(tmp_path, only=None):
+  # The driver needs the PyTorch port importable (or its wheels): a skip without the test extra.
+  optional_deps.load(convert.load_port_module)
   out = tmp_path / 'out'
   command = [sys.executable, 'scripts/gpu_check.py', '--smoke', f'--out={out}',
              f'--scratch={tmp_path / "scratch"}', '--budget_s=100000']
@@ -115,7 +119,8 @@ def running(pid: int) -> bool:
     return False
 
 
-def test_records_statuses_time_limits_and_budget(tmp_path, capsys):
+def test_records_statuses_time_limits_and_budget(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(gpu_check, 'CARRIED_MODULES', ())  # these steps import nothing carried
   pid_file = tmp_path / 'grandchild.pid'
   steps = [
       python_step('ok', 'import json; print("log"); print(json.dumps({"img_per_s": 12.5}))'),
