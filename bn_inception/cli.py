@@ -118,7 +118,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C: one line (training says where it resumes), no traceback
       if _TRACEBACK.value:
         traceback.print_exc()
-      sys.stderr.write(f'{e or "Interrupted."}\n')
+      sys.stderr.write(f'{str(e) or "Interrupted."}\n')
       sys.exit(128 + signal.SIGINT)
 
   app.run(main_reporting_user_errors, flags_parser=_parse_flags)

@@ -66,9 +66,9 @@ def restore_variables(workdir: str, step: Optional[int] = None,
         'config.ema_decay=None): use --weights=raw.')
   used = 'ema' if weights != 'raw' and state['ema_params'] is not None else 'raw'
   if used == 'ema' and state['ema_batch_stats'] is None and state['batch_stats']:
-    raise ValueError(f'The checkpoint at step {step} in {workdir} holds EMA weights without the '
-                     'EMA of the BN statistics that goes with them (it predates it): use '
-                     '--weights=raw.')
+    raise errors.InputFileError(
+        f'The checkpoint at step {step} in {workdir} holds EMA weights without the EMA of the BN '
+        'statistics that goes with them (it predates it): use --weights=raw.')
   prefix = 'ema_' if used == 'ema' else ''
   return step, {'params': state[prefix + 'params'],
                 'batch_stats': state[prefix + 'batch_stats'] or {}}, used

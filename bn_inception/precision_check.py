@@ -34,7 +34,9 @@ import numpy as np
 from scipy import stats
 
 from bn_inception import benchmark
-from bn_inception import demo
+from bn_inception import cli
+from bn_inception import errors
+from bn_inception import report
 from bn_inception import train
 
 DTYPES = ('float32', 'bfloat16')
@@ -59,7 +61,7 @@ def train_once(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     error = None
   except FloatingPointError as e:  # a non-finite loss or gradient stopped the run
     error = str(e)
-  metrics = demo.read_metrics(workdir) if os.path.exists(
+  metrics = report.read_metrics(workdir) if os.path.exists(
       os.path.join(workdir, 'metrics.jsonl')) else []
   evaluation = [m for m in metrics if 'eval_top1' in m]
   return {'loss': [m['loss'] for m in metrics if 'loss' in m],  # each logged interval's mean
@@ -87,8 +89,8 @@ def compare(runs: dict[str, dict]) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains config in both precisions with every seed; returns the runs and the verdict."""
   if os.path.exists(workdir) and os.listdir(workdir):
-    raise FileExistsError(f'{workdir} is not empty: training would resume its runs. Use a new '
-                          'directory.')
+    raise errors.ConfigError(f'{workdir} is not empty: training would resume its runs. Use a new '
+                             '--workdir.')
   config = ml_collections.ConfigDict(config.to_dict())
   # One evaluation and one checkpoint, at the end: the loss curve is what is compared.
   config.eval_every_steps = config.checkpoint_every_steps = config.num_train_steps
@@ -119,4 +121,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import pytest
 
 from bn_inception import checkpoints
 from bn_inception import convert
+from bn_inception import errors
 from bn_inception import evaluate
 from bn_inception import input_pipeline
 from bn_inception import predictions
@@ -188,7 +189,7 @@ def test_weights_raw_ema_auto(run, centre, tmp_path):
   converted = evaluate.evaluate_checkpoint(config, str(tmp_path / 'converted'), weights='auto')
   assert converted.meta['weights'] == 'raw' and converted.meta['step'] == 0
   np.testing.assert_array_equal(converted.probs, centre.probs)
-  with pytest.raises(ValueError, match='holds no EMA weights.*--weights=raw'):
+  with pytest.raises(errors.ConfigError, match='holds no EMA weights.*--weights=raw'):
     evaluate.evaluate_checkpoint(config, str(tmp_path / 'converted'), weights='ema')
 
   # EMA weights that always answer class 3, with their statistics.
@@ -206,7 +207,8 @@ def test_weights_raw_ema_auto(run, centre, tmp_path):
   # EMA weights without their statistics (a checkpoint from before they were kept) are refused.
   checkpoints.save(mngr, 8, {'step': np.int32(8), 'ema_params': ema, **variables})
   mngr.wait_until_finished()
-  with pytest.raises(ValueError, match='without the EMA of the BN statistics.*--weights=raw'):
+  with pytest.raises(errors.InputFileError,
+                     match='without the EMA of the BN statistics.*--weights=raw'):
     evaluate.restore_variables(str(tmp_path / 'ema'), weights='auto')
 
 

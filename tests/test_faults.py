@@ -229,6 +229,17 @@ def test_num_train_steps_0_is_refused():
 # ------------------------------------------------------------------------------------------------
 # Messages: one line, the field or file named, no traceback.
 # ------------------------------------------------------------------------------------------------
+def test_ctrl_c_outside_training_says_interrupted():
+  """A bare KeyboardInterrupt (Ctrl-C in evaluate, the ensemble, the benchmark): one line, 130."""
+  code = ('from bn_inception import cli\n'
+          'def main(argv):\n'
+          '  raise KeyboardInterrupt\n'
+          'cli.run(main)\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu'), timeout=120)
+  assert result.returncode == 130 and result.stderr == 'Interrupted.\n', result.stderr
+
+
 def test_unknown_config_field_is_one_message(tmp_path):
   args = ('--config=configs/bn_x30.py:digits', f'--workdir={tmp_path / "run"}',
           '--config.lerning_rate=0.1')

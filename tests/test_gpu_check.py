@@ -16,6 +16,7 @@ import pytest
 from bn_inception import convert
 from bn_inception import gpu_check
 from bn_inception import precision_check
+from configs import bn_x5
 import optional_deps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,6 +173,18 @@ def runs(f32_levels, bf16_levels, **curves):
     curve = curves.get(name, [2.3, 1.5, value, value])
     out[name] = {'loss': curve, 'finite': all(x == x for x in curve)}
   return out
+
+
+def test_precision_run_reads_its_loss_curve_and_evaluation(tmp_path):
+  # One real run of the precision check, shrunk (its verdict needs six: test_precision_verdict).
+  config = bn_x5.get_config('digits')
+  config.model.width, config.model.bn_group_size, config.batch_size = 0.125, 2, 16
+  config.dataset.image_size, config.num_train_steps, config.log_every_steps = 32, 3, 1
+  config.eval_every_steps = config.checkpoint_every_steps = 3
+  run = precision_check.train_once(config, str(tmp_path / 'run'))
+  assert run['finite'] and run['error'] is None
+  assert len(run['loss']) == 3 and all(0 < x < 10 for x in run['loss'])
+  assert 0 <= run['eval_top1'] <= 1 and run['eval_loss'] > 0
 
 
 def test_precision_verdict():
