@@ -99,7 +99,8 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
   """Where a training run in `workdir` starts: (step, state) of its newest readable checkpoint, or
   (None, None) for a new run. Everything is checked before training writes anything:
 
-  * config.json must be readable; fields that differ from `config` are logged as a warning;
+  * config.json must be readable; fields that differ from `config` are logged as a warning (but
+    num_train_steps, which extends a run);
   * a checkpoint of another model (CheckpointMismatchError) is refused;
   * checkpoints that exist but cannot be read, all of them, or only ones set aside earlier, stop
     the run (UnreadableCheckpointsError, nothing renamed) rather than start again from step 0,
@@ -110,6 +111,9 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
   """
   if os.path.exists(os.path.join(workdir, 'config.json')):
     changed = diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
+    if 'num_train_steps' in changed:  # how a run is extended: expected, not a warning
+      logging.info('Resuming %s with num_train_steps %s -> %s.', workdir,
+                   *changed.pop('num_train_steps'))
     if changed:
       logging.warning('Resuming %s with a config that differs from the saved one in: %s', workdir,
                       '; '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items()))

@@ -186,12 +186,9 @@ class Progress:
 
 @contextlib.contextmanager
 def quiet_absl():
-  """Only warnings from the library, none from Orbax (it warns about read-only managers), and not
-  the expected one of each extension (train_to: a longer num_train_steps than the saved config)."""
+  """Only warnings from the library, none from Orbax (it warns about read-only managers)."""
   absl_logger = std_logging.getLogger('absl')  # filters here apply whichever handler prints
-  ours = lambda record: (('orbax' not in record.pathname or record.levelno >= std_logging.ERROR)
-                         and 'differs from the saved one in: num_train_steps' not in
-                         record.getMessage())
+  ours = lambda record: 'orbax' not in record.pathname or record.levelno >= std_logging.ERROR
   verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)
   absl_logger.addFilter(ours)

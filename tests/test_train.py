@@ -95,7 +95,7 @@ def ema_run(tmp_path_factory):
   return config, workdir, train.train_and_evaluate(config, str(workdir))
 
 
-def test_end_to_end_on_digits_learns(ema_run, caplog):
+def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path):
   """A digits run learns (the loss falls, test accuracy ends far above chance), evaluates every
   test example once, and leaves its workdir complete."""
   config, workdir, state = ema_run
@@ -122,6 +122,14 @@ def test_end_to_end_on_digits_learns(ema_run, caplog):
   again = train.train_and_evaluate(changed, str(workdir))
   assert 'differs from the saved one in: weight_decay: 8' in caplog.text
   assert_trees_equal(state, again)
+  # A new length is how a run is extended (or cut short): no warning about a changed config.
+  caplog.clear()
+  shorter = changed.copy_and_resolve_references()  # the workdir's config.json is `changed` now
+  shorter.num_train_steps = LEARN_STEPS - 1
+  shutil.copytree(workdir, tmp_path / 'run')
+  train.train_and_evaluate(shorter, str(tmp_path / 'run'))  # nothing to train: at step 80
+  train.train_and_evaluate(changed, str(tmp_path / 'run'))
+  assert 'nothing to train' in caplog.text and 'differs from the saved one' not in caplog.text
   # Another model in the same workdir is refused, naming the mismatch.
   with pytest.raises(ValueError, match='does not fit this model.*another run'):
     train.train_and_evaluate(ema_config(**{'model.width': 0.25}), str(workdir))
