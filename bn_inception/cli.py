@@ -12,8 +12,6 @@ from typing import Any, Callable, NoReturn
 from absl import app
 from absl import flags
 from absl import logging
-import jax
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from bn_inception import errors
@@ -70,6 +68,10 @@ def start(flag_values=flags.FLAGS) -> None:
   On CPUs the processes talk through JAX's gloo collectives, which JAX turns on by default
   (jax_cpu_collectives_implementation='gloo' since JAX 0.5.1).
   """
+  # JAX is imported here, not with the module: the ensemble and the report never need it.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   quiet_orbax()
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   given = {name: flag_values[name].value

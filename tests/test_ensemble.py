@@ -168,3 +168,13 @@ def test_init_scale_multiplies_the_initial_conv_weights():
   kernels = [layers.ConvUnit(16, 3, init_scale=s).init(jax.random.key(0), x, False)['params']
              ['conv']['kernel'] for s in (1.0, 2.0)]
   np.testing.assert_allclose(kernels[1], 2 * kernels[0], rtol=1e-6)
+
+
+def test_ensembling_needs_no_jax():
+  # Ensembling predictions files is numpy work, runnable where JAX is not installed or is slow to
+  # start (a laptop reading a cluster's predictions).
+  code = ('import sys; import bn_inception.ensemble; '
+          'print(sorted(m for m in ("jax", "flax", "optax", "tensorflow") if m in sys.modules))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == '[]', result.stdout + result.stderr
