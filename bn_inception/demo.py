@@ -46,6 +46,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bn_inception import benchmark
 from bn_inception import ensemble
 from bn_inception import evaluate
 from bn_inception import mlp
@@ -394,12 +395,7 @@ def settings_table(rep: report.Report, wall: dict[str, float]) -> list[str]:
 
 def machine() -> str:
   device = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(l.split(':', 1)[1].strip() for l in f if l.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
+  cpu = benchmark.cpu_model()
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return f'{cores} CPU cores ({cpu}), JAX device: {device.platform} ({device.device_kind})'
 
@@ -421,7 +417,7 @@ def results_markdown(rep: report.Report, lengths: dict[str, int], first: int, bu
       '',
       *protocol(rep, lengths, first, budget, seeds),
       '',
-      report.markdown(rep, figure='figure2.png'),
+      report.markdown(rep),
       f'The ensemble of the {len(ensemble_rows) - 1} BN runs\' final checkpoints (mean of '
       f'probabilities, `evaluate` on the last checkpoints): {pct(combined["top1"])} top-1.',
       '',

@@ -237,12 +237,19 @@ class Row:
 @dataclasses.dataclass
 class Report:
   runs: list[Run]
+  baseline: list[Run]  # the runs whose best accuracy is the target
   window: int
   target: Optional[float]  # None without a baseline run that has `window` evaluations
   baseline_steps: Optional[float]  # median over the baseline runs of their steps to target
   baseline_plateaued: bool  # every baseline run's moving average plateaued
   rows: list[Row]
   notes: list[str]  # what the reader must know: different data, provisional target, ...
+
+  @property
+  def baseline_name(self) -> str:
+    """The baseline's variant (Inception unless --baseline chose others), for column headings."""
+    variants = {r.variant for r in self.baseline}
+    return variants.pop() if len(variants) == 1 and None not in variants else 'Baseline'
 
 
 def averaged(run: Run, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,7 +272,7 @@ def figure3(runs: Sequence[Run], window: int = WINDOW,
   baseline_steps = (float(np.median([first_reaching(*averaged(r, window), target)
                                      for r in ready])) if ready else None)
   is_plateau = bool(ready) and all(plateaued(*averaged(r, window)) for r in ready)
-  return Report(list(runs), window, target, baseline_steps, is_plateau, rows,
+  return Report(list(runs), baseline, window, target, baseline_steps, is_plateau, rows,
                 notes(runs, baseline, ready, window, is_plateau))
 
 
@@ -356,7 +363,7 @@ def far_enough(row: Row) -> str:
 
 def figure3_table(report: Report) -> list[str]:
   target = pct(report.target) if report.target is not None else 'the target'
-  lines = [f'| Run | Steps to {target} | {BASELINE} / it | Max accuracy | at step | Far enough '
+  lines = [f'| Run | Steps to {target} | {report.baseline_name} / it | Max accuracy | at step | Far enough '
            f'to say? | Paper: steps to {pct(PAPER_TARGET)} | Paper: {BASELINE} / it | Paper: max |',
            '|---|---|---|---|---|---|---|---|---|']
   paper_baseline = PAPER_FIGURE3[BASELINE].steps_to_target
@@ -395,26 +402,24 @@ def spread(report: Report) -> list[str]:
   return out
 
 
-def markdown(report: Report, figure: Optional[str] = 'figure2.png',
-             heading: str = '##') -> str:
+def markdown(report: Report, figure: Optional[str] = 'figure2.png') -> str:
   """Figure 3's section (and Figure 2's image) of report.md, for embedding elsewhere (the demo)."""
   w = report.window
   if report.target is not None:
-    baseline = [r for r in report.rows if r.run.variant == BASELINE] or report.rows
     definition = (
         f'The target is **{pct(report.target)}**: the baseline\'s best moving average of test '
         f'top-1 over {w} consecutive evaluations (the lowest of the baseline runs\' bests, where '
         f'there are several). "Steps to" is the first evaluation at which a run\'s own {w}-'
-        f'evaluation average reaches it, in paper steps of 32 images; "{BASELINE} / it" divides '
-        f'the baseline\'s steps ({fmt_steps(report.baseline_steps)}'
-        + (', the median over its runs' if len(baseline) > 1 else '') + ') by the run\'s. '
+        f'evaluation average reaches it, in paper steps of 32 images; "{report.baseline_name} / it" '
+        f'divides the baseline\'s steps ({fmt_steps(report.baseline_steps)}'
+        + (', the median over its runs' if len(report.baseline) > 1 else '') + ') by the run\'s. '
         f'"Max accuracy" is the run\'s best {w}-evaluation average, "at step" where it was first '
         f'reached. The baseline\'s moving average '
         + (f'had plateaued (no new best in the last {PLATEAU_FRACTION:.0%} of its run).'
            if report.baseline_plateaued else 'had not plateaued.'))
   else:
     definition = 'No target (below).'
-  out = [f'{heading} Figure 3 from these runs', '', definition, '', *figure3_table(report), '',
+  out = ['## Figure 3 from these runs', '', definition, '', *figure3_table(report), '',
          f'The paper\'s columns are {PAPER_SOURCE}; its ratios divide Inception\'s 31.0M steps by '
          'the variant\'s. "Far enough to say?": a run that has not reached the target has trained '
          'long enough to say so when it has reached the paper\'s length for its variant (ImageNet '
@@ -448,7 +453,7 @@ def spans_decades(steps: np.ndarray) -> bool:
   return len(steps) > 0 and steps.max() / steps.min() >= 100
 
 
-def plot_figure2(report: Report, path: str, title: str = 'Figure 2 from these runs') -> None:
+def plot_figure2(report: Report, path: str) -> None:
   """Test top-1 against paper steps: each run's evaluations (dots) and moving average (line), the
   target (dotted) and each run's first crossing (star), in full and near the target (the paper's
   Figure 2 shows 0.4-0.8 around its 72.2%); log-scale steps when they span decades."""
@@ -489,7 +494,7 @@ def plot_figure2(report: Report, path: str, title: str = 'Figure 2 from these ru
   name, split, _, _, n = next(iter(settings))
   axes[0].set_ylabel(f'test top-1 ({name} {split}, {n} examples)' if len(settings) == 1 else
                      'test top-1 (different data: see report)')
-  axes[0].set_title(title, fontsize=10)
+  axes[0].set_title('Figure 2 from these runs', fontsize=10)
   for ax in axes:
     if log:
       ax.set_xscale('log')

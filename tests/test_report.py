@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bn_inception import errors
 from bn_inception import report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,6 +200,20 @@ def test_several_baseline_runs_set_the_lowest_best_as_the_target(tmp_path):
   rep = report.figure3(report.read_runs([low, high]))
   assert rep.target == pytest.approx(0.8)  # low's best average, at 500; high's average reaches it at 400
   assert [r.steps_to_target for r in rep.rows] == [500, 400] and rep.baseline_steps == 450
+
+
+def test_another_baseline_sets_the_target_and_names_the_column(tmp_path):
+  """--baseline: the chosen runs' best average is the target, the ratio column is named after
+  them; a workdir that is not among those reported is refused."""
+  inception = make_run(str(tmp_path), 'inception', 'inception', every_100(0.5, 0.9, 0.95, 0.95))
+  bn = make_run(str(tmp_path), 'bn', 'bn_baseline', every_100(0.5, 0.7, 0.8, 0.8, 0.8))
+  rep = report.write_report([inception, bn], str(tmp_path / 'out'), baseline=[bn])
+  assert rep.target == pytest.approx(0.8) and rep.baseline_steps == 500  # averages .67 .77 .8
+  text = (tmp_path / 'out' / 'report.md').read_text()
+  assert '| Run | Steps to 80.0% | BN-Baseline / it |' in text, text
+  assert '"BN-Baseline / it" divides the baseline\'s steps (500)' in text, text
+  with pytest.raises(errors.ConfigError, match='not among those reported'):
+    report.write_report([inception], str(tmp_path / 'out2'), baseline=[bn])
 
 
 def test_robust_target_on_a_noisy_curve(tmp_path):
