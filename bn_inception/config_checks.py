@@ -96,7 +96,8 @@ TRAINING: dict[str, Rule] = {
     **EVALUATION,
     'dataset.train_split': TEXT,
     'dataset.shuffle': one_of(data_spec.SHUFFLE),
-    'dataset.distortion_strength': number(0, 2),  # tfds_pipeline.train_image's range
+    # Beyond 2 the saturation and contrast factors, 1 +- 0.5 x strength (tfds_pipeline), go negative.
+    'dataset.distortion_strength': number(0, 2),
     'num_train_steps': integer(1),
     'log_every_steps': integer(1),
     'eval_every_steps': integer(1),

@@ -234,8 +234,6 @@ def _distort_colour(image, strength, seed):
 
 def train_image(data, seed, image_size: int, distortion_strength: float):
   """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
-  if not 0 <= distortion_strength <= 2:
-    raise ValueError(f'distortion_strength must be in [0, 2], got {distortion_strength}.')
   crop_seed, flip_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
   image = _decode_window(data, _random_window(crop_seed))
   image = tf.image.resize(image, [image_size, image_size], method='bilinear')
@@ -370,9 +368,7 @@ def _train_records(instructions, shuffle: data_spec.Shuffle, seed, start: int) -
 def train_batches(config, *, local_batch_size, seed, start_step, process_index, process_count):
   builder = _builder(config)
   image_key, label_key, _ = _keys(builder)
-  shuffle = data_spec.SHUFFLE.get(config.shuffle)
-  if shuffle is None:
-    raise errors.ConfigError(f'Unknown shuffle {config.shuffle!r}; valid: {list(data_spec.SHUFFLE)}.')
+  shuffle = data_spec.SHUFFLE[config.shuffle]  # a known name: config_checks
   # Equal shares keep the hosts' epochs in step; fewer than process_count examples are left out.
   host_split = tfds.even_splits(config.train_split, n=process_count,
                                 drop_remainder=True)[process_index]

@@ -73,7 +73,7 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       distortion_strength=1.0,  # scales the photometric distortions
       # 'light': the files in a new order every epoch, each read in its stored order (no buffer) |
       # 'thorough': within-shard shuffling, 16 files interleaved through a 16,384-example buffer
-      # (about 2 x 1.8 GB of host memory on ImageNet). See tfds_pipeline.SHUFFLE.
+      # (about 2 x 1.8 GB of host memory on ImageNet). See data_spec.SHUFFLE.
       shuffle='light',
       eval_crops='center',  # 'center' | '10' | '144'
   ))
