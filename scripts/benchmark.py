@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bn_inception import benchmark  # noqa: E402  pylint: disable=g-import-not-at-top
 from bn_inception import cli  # noqa: E402  pylint: disable=g-import-not-at-top
+from bn_inception import errors  # noqa: E402  pylint: disable=g-import-not-at-top
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', 'configs/bn_x30.py', 'Config file (configs/bn_x30.py is the ImageNet network).')
@@ -55,6 +56,10 @@ def main(argv):
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS.value}".strip()
   if _PEER.value is None:  # the peer runs first, before JAX starts and keeps the memory it takes
     cli.start()
+  elif any(flags.FLAGS[f].present for f in ('coordinator_address', 'num_processes', 'process_id',
+                                              'multihost')):
+    raise errors.ConfigError('--peer compares one process with PyTorch: leave out the '
+                             'several-host flags, or --peer.')
   like_port = _PEER.value is not None if _LIKE_PORT.value is None else _LIKE_PORT.value
   config = benchmark.benchmark_config(
       _CONFIG.value, batch_size=_BATCH_SIZE.value, image_size=_IMAGE_SIZE.value,

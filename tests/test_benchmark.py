@@ -27,6 +27,15 @@ def tiny_config(**overrides):
   return config
 
 
+def test_peer_with_several_host_flags_is_refused():
+  # The peer is one process: several-host flags with it would time each process alone.
+  command = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', '--peer=torch', '--num_processes=2'], cwd=REPO,
+      env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=120)
+  assert command.returncode == 1 and command.stderr.startswith(
+      'Error: --peer compares one process'), command.stderr
+
+
 def test_command_prints_a_json_line_without_tensorflow(tmp_path):
   # The command line as users run it, in a fresh process: the line has the fields, a profile of one
   # step says where its time went, and neither TensorFlow nor anything else imported it.
