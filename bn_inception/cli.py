@@ -68,7 +68,7 @@ def start(flag_values=flags.FLAGS) -> None:
   On CPUs the processes talk through JAX's gloo collectives, which JAX turns on by default
   (jax_cpu_collectives_implementation='gloo' since JAX 0.5.1).
   """
-  # JAX is imported here, not with the module: the ensemble and the report never need it.
+  # JAX is imported here, not with the module: the ensemble (numpy work) never needs it.
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 

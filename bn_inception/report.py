@@ -363,8 +363,8 @@ def far_enough(row: Row) -> str:
 
 def figure3_table(report: Report) -> list[str]:
   target = pct(report.target) if report.target is not None else 'the target'
-  lines = [f'| Run | Steps to {target} | {report.baseline_name} / it | Max accuracy | at step | Far enough '
-           f'to say? | Paper: steps to {pct(PAPER_TARGET)} | Paper: {BASELINE} / it | Paper: max |',
+  lines = [f'| Run | Steps to {target} | {report.baseline_name} / it | Max accuracy | at step '
+           f'| Far enough to say? | Paper: steps to {pct(PAPER_TARGET)} | Paper: {BASELINE} / it | Paper: max |',
            '|---|---|---|---|---|---|---|---|---|']
   paper_baseline = PAPER_FIGURE3[BASELINE].steps_to_target
   for row in report.rows:
@@ -402,7 +402,7 @@ def spread(report: Report) -> list[str]:
   return out
 
 
-def markdown(report: Report, figure: Optional[str] = 'figure2.png') -> str:
+def markdown(report: Report) -> str:
   """Figure 3's section (and Figure 2's image) of report.md, for embedding elsewhere (the demo)."""
   w = report.window
   if report.target is not None:
@@ -428,8 +428,7 @@ def markdown(report: Report, figure: Optional[str] = 'figure2.png') -> str:
   if spreads:
     out += ['Spread over the runs of each variant (seeds): ' + '; '.join(spreads) + '.', '']
   out += [f'- {n}' for n in report.notes] + ([''] if report.notes else [])
-  if figure:
-    out += [f'![Figure 2 from these runs]({figure})', '']
+  out += ['![Figure 2 from these runs](figure2.png)', '']  # plot_figure2 writes it beside
   return '\n'.join(out)
 
 
