@@ -142,6 +142,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     if '--traceback' in argv:
       traceback.print_exc()
     exit_with_error(_unknown_field_message(e, overrides))
+  except errors.ConfigArgumentError as e:  # raised by a config file's get_config
+    if '--traceback' in argv:
+      traceback.print_exc()
+    given = next((a for a in argv[1:] if re.match(r'--?config=', a)), '--config')
+    exit_with_error(f'{given}: {e}')
   if 'config' in flags.FLAGS and flags.FLAGS['config'].value is not None:
     # ml_collections defers the error of a config file that is not there to the config's first use.
     path = config_flags.get_config_filename(flags.FLAGS['config']).split(':', 1)[0]

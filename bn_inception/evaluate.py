@@ -129,6 +129,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
   crops = crops or config.dataset.eval_crops
   batch_size = batch_size or train.eval_batch_size(config, crops, mesh)
   train.check_batch(batch_size, None, mesh)  # no BN groups at inference
+  train.check_memory(config, batch_size * data_spec.num_crops(crops), mesh, training=False,
+                     field='eval_batch_size')
   info = input_pipeline.get_info(config.dataset)
   config_checks.check_num_classes(config, info)
   step, variables, used = restore_variables(workdir, step, weights)

@@ -237,6 +237,49 @@ def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.M
           devices, per_device, group_size, devices * group_size)
 
 
+# Every module output of the full-width network holds about 84 values per input value (counted with
+# jax.eval_shape(capture_intermediates=True) at 64 x 64 and 224 x 224; proportional to model.width).
+_ACTIVATIONS_PER_INPUT_VALUE = 84
+_GIB = 2 ** 30
+
+
+def _memory_bytes(device) -> Optional[int]:
+  """What one device may hold (its allocator's limit), or the host's memory for a CPU device."""
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return stats['bytes_limit']
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError):
+    return None
+
+
+def check_memory(config: ml_collections.ConfigDict, examples: int, mesh: jax.sharding.Mesh,
+                 *, training: bool, field: str = 'batch_size') -> None:
+  """Refuses, before anything is allocated, a step of `examples` images (crops, for evaluation)
+  that cannot fit by a rough estimate: the host's batch as float32 (twice: one prefetched), and on
+  each device the network's activations for its share (kept for the backward pass and matched by
+  their gradients when training)."""
+  size, width = config.dataset.image_size, config.model.width
+  input_bytes = size * size * 3 * 4
+  per_device = -(-examples // mesh.devices.size)
+  activation_bytes = (jnp.dtype(config.model.dtype).itemsize * size * size * 3
+                      * max(1.0, _ACTIVATIONS_PER_INPUT_VALUE * width) * (2 if training else 1))
+  host_need = 2 * input_bytes * examples // jax.process_count()
+  device_need = per_device * activation_bytes
+  host = _memory_bytes(jax.local_devices(backend='cpu')[0])
+  device = _memory_bytes(mesh.devices.flat[0])
+  for need, have, where in ((host_need, host, 'this host'), (device_need, device,
+                                                             f'each {mesh.devices.flat[0].device_kind} device')):
+    if have is not None and need > have:
+      fits = max(1, int(examples * have / need / 2))
+      raise errors.ConfigError(
+          f'{field} {examples:,} cannot fit: {"a training" if training else "an evaluation"} step '
+          f'needs about {need / _GIB:,.1f} GiB on {where}, which has {have / _GIB:,.1f} GiB '
+          f'(an estimate, from the image size {size}, model.width {width:g} and '
+          f'model.dtype {config.model.dtype}). Use a smaller {field}, e.g. {fits:,} or fewer.')
+
+
 _barriers = itertools.count()
 
 
@@ -296,7 +339,7 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
                                            only=('params', 'batch_stats'))
   if restored is None:
     raise errors.NotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
-  loaded, fresh = [], []
+  loaded, fresh, mismatched = [], [], []
 
   def merge(collection):
     source = flax.traverse_util.flatten_dict(restored.get(collection) or {}, sep='/')
@@ -309,16 +352,27 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
       else:
         out[path] = value
         fresh.append(path)
+        if path in source:
+          mismatched.append(f'{path} {tuple(np.shape(source[path]))} -> {tuple(value.shape)}')
     return flax.traverse_util.unflatten_dict(out, sep='/')
 
   state = state.replace(params=merge('params'), batch_stats=merge('batch_stats'))
   if state.ema_params is not None:
     state = state.replace(ema_params=state.params, ema_batch_stats=state.batch_stats)
-  logging.info('Initialised %d arrays from %s; %d stay fresh: %s', len(loaded), init_from,
-               len(fresh), fresh[:10])
-  if not loaded:
-    raise errors.InputFileError(
-        f'Nothing in {init_from} matches this model: is it a bn_inception checkpoint?')
+  total = len(loaded) + len(fresh)
+  what = (f'{len(loaded)} of {total} arrays of this model match {init_from} by name and shape; '
+          f'{len(fresh)} do not ({len(mismatched)} of them by shape), e.g. '
+          f'{", ".join(mismatched[:3] or fresh[:3])}')
+  # Fine-tuning for another number of classes leaves only the classifier fresh; a model of another
+  # width would keep almost nothing and in effect train from scratch.
+  if len(loaded) < total / 2:
+    raise errors.InputFileError(f'config.init_from: {what}. Use a checkpoint of the same network '
+                                '(the same model.* fields, e.g. width and channels; num_classes '
+                                'may differ).')
+  if fresh:
+    logging.warning('Partial initialisation: %s. Those stay freshly initialised.', what)
+  else:
+    logging.info('Initialised all %d arrays from %s.', total, init_from)
   return state
 
 
@@ -492,8 +546,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_checks.check(config)
   mesh = make_mesh(devices)
   check_batch(config.batch_size, config.model.bn_group_size, mesh)
+  check_memory(config, config.batch_size, mesh, training=True)
+  check_memory(config, eval_batch_size(config, config.dataset.eval_crops, mesh)
+               * data_spec.num_crops(config.dataset.eval_crops), mesh, training=False,
+               field='eval_batch_size')
   info = input_pipeline.get_info(config.dataset)
   config_checks.check_num_classes(config, info)
+  if config.batch_size > info.num_train_examples:
+    raise errors.ConfigError(
+        f'batch_size {config.batch_size:,} is larger than the training split '
+        f'({info.num_train_examples:,} examples of {config.dataset.name}): use at most '
+        f'{info.num_train_examples:,}.')
   model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------

@@ -159,7 +159,7 @@ def test_members_are_bn_x30_modified_as_the_table_says(scale):
   assert len(seen) == len(ensemble_config.MEMBERS) == 6
   assert ensemble_config.get_config(scale if scale == 'digits' else None).to_dict() == (
       ensemble_config.get_config(f'{scale},1').to_dict())  # member 1 by default
-  with pytest.raises(ValueError, match=r'member 7; valid: \[1, 2, 3, 4, 5, 6\]'):
+  with pytest.raises(errors.ConfigArgumentError, match='member 7; the members are 1, 2, 3, 4, 5, 6'):
     ensemble_config.get_config(f'{scale},7')
 
 
