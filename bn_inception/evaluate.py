@@ -89,15 +89,23 @@ def restore_variables(workdir: str, step: Optional[int] = None,
 def predict_batches(model, variables, local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
                     convention: Optional[train.InputConvention] = None,
                     crop_weights: Optional[np.ndarray] = None,
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-  """(probs, labels, ids, ReaL label sets or None) of every real example of the eval batches, on
-  every host.
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(probs, labels, ids) of every real example of the eval batches, on every host.
 
   `local_batches` are this host's eval batches (input_pipeline.eval_batches): images
-  [B, crops, H, W, 3], label, mask, id (and for ReaL real_labels, bool [B, classes]). Probabilities are the softmax averaged over the crops with
+  [B, crops, H, W, 3], label, mask, id. Probabilities are the softmax averaged over the crops with
   `crop_weights` (train.predict). Rows come in the pipeline's order (host by host on several
   hosts); the padding is dropped.
   """
+  return predict_examples(model, variables, local_batches, mesh, convention, crop_weights)[:3]
+
+
+def predict_examples(model, variables, local_batches: Iterator[dict], mesh: jax.sharding.Mesh,
+                     convention: Optional[train.InputConvention] = None,
+                     crop_weights: Optional[np.ndarray] = None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+  """predict_batches, and the ReaL label sets (bool [N, classes]) of batches that carry them
+  (real_labels), else None."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = jax.device_put(variables, replicated)
   probs, labels, masks, ids, real = [], [], [], [], []
@@ -191,9 +199,9 @@ def evaluate_sets(config: ml_collections.ConfigDict, workdir: str,
 def _predict_set(config, info, model, variables, step, used, workdir, crops, batch_size, mesh):
   batches = input_pipeline.eval_batches(
       config.dataset, local_batch_size=batch_size // jax.process_count(), crops=crops)
-  probs, labels, ids, real = predict_batches(model, variables, batches, mesh,
-                                             train.input_convention(config),
-                                             data_spec.crop_weights(crops))
+  probs, labels, ids, real = predict_examples(model, variables, batches, mesh,
+                                              train.input_convention(config),
+                                              data_spec.crop_weights(crops))
   if len(ids) != info.num_eval_examples or len(np.unique(ids)) != len(ids):
     logging.warning('Evaluated %d examples (%d distinct ids); %s has %d.', len(ids),
                     len(np.unique(ids)), config.dataset.name, info.num_eval_examples)
