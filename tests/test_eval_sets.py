@@ -319,3 +319,20 @@ def test_command_line_evaluates_several_sets(sets, evaluated, tmp_path):
     assert written.eval_set == name
     np.testing.assert_allclose(written.sorted_by_id().probs, expected.sorted_by_id().probs,
                                atol=1e-6)
+
+
+def test_report_has_a_row_per_set_and_the_paper_beside_the_original_labels_only(tmp_path):
+  from bn_inception import report  # pylint: disable=g-import-not-at-top
+  ids = np.array(['ILSVRC2012_val_00000001.JPEG', 'ILSVRC2012_val_00000002.JPEG'])
+  probs = np.array([[.7, .2, .1], [.1, .2, .7]], np.float32)
+  for name, real in (('imagenet2012', None), (predictions.REAL, np.array([[0, 0, 0], [0, 0, 1]],
+                                                                         bool))):
+    predictions.save(str(tmp_path / f'{name}.npz'), Predictions(
+        probs, np.array([0, 1]), ids, {'eval_set': name, 'crops': 'center', 'step': 9}, real))
+  original, real = report.evaluations_table(
+      [str(tmp_path / 'imagenet2012.npz'), str(tmp_path / f'{predictions.REAL}.npz')])[2:]
+  # Original: image 0 right, image 1 wrong (top-1 50%). ReaL: image 0 left out, image 1 right.
+  assert original.split(' | ')[1:] == ['imagenet2012', '9', 'center', '1', '50.0%', '100.0%',
+                                       '–', '–', '74.8%', '92.2% |']
+  assert real.split(' | ')[1:] == [predictions.REAL, '9', 'center', '1', '50.0%', '100.0%',
+                                   '100.0%', '100.0% (1 left out)', '–', '– |']
