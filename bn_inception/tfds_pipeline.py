@@ -107,24 +107,24 @@ def _builder(config) -> tfds.core.DatasetBuilder:
 def _check_manual_files(config, builder) -> None:
   """Refuses, with what to download and where to put it, to prepare ImageNet or an evaluation set
   whose files are not in manual_dir (rather than let TFDS try the network)."""
-  manual_dir = config.manual_dir
-  if config.name == 'imagenet2012':
-    missing = [name for name in IMAGENET_ARCHIVES
-               if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
-    if missing:
-      problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
-                 'config.dataset.manual_dir is not set')
-      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
-                                                         problem=problem))
+  if config.name == 'imagenet2012' and (problem := _lacking(config.manual_dir, IMAGENET_ARCHIVES)):
+    raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
+                                                       problem=problem))
   files = EVAL_SET_FILES.get(config.name, ())
-  missing = [name for name, _, _ in files
-             if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
-  if missing:
-    problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
-               'config.dataset.manual_dir is not set')
+  if problem := _lacking(config.manual_dir, [name for name, _, _ in files]):
     raise errors.NotFoundError(EVAL_SET_MISSING.format(
         name=config.name, data_dir=builder.data_dir, problem=problem, files='\n'.join(
             f'  {name} ({size}) from {source}' for name, source, size in files)))
+
+
+def _lacking(manual_dir, names) -> str:
+  """What keeps manual_dir from holding all of `names` ('' when it does)."""
+  missing = [name for name in names
+             if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
+  if not missing:
+    return ''
+  return (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
+          'config.dataset.manual_dir is not set')
 
 
 def _wrong_file_message(config, error) -> str:
