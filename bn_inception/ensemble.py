@@ -109,7 +109,7 @@ def report(members: Sequence[Predictions], names: Sequence[str],
 
 
 def format_report(rows: Sequence[dict]) -> str:
-  """The table; with ReaL columns (and how many images ReaL leaves out) when the members have them."""
+  """The table; with ReaL columns (and how many images ReaL leaves out) for ReaL members."""
   pct = predictions.percent
   real = 'real_top1' in rows[0]
   header = ('', 'top-1', 'top-5', 'top-1 error', 'top-5 error') + (

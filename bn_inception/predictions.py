@@ -4,7 +4,8 @@ One `.npz` per checkpoint and crop setting, loadable with plain `np.load` (no pi
   probs   float32 [N, classes]  softmax probabilities, averaged over the crops (and the members)
   labels  int64 [N]             the true classes
   ids     [N]                   the data set's example ids (ints, or file names for TFDS)
-  meta    str                   JSON: config, step, crops, weights, eval_set, ... (see evaluate/ensemble)
+  meta    str                   JSON: config, step, crops, weights, eval_set, ... (see evaluate,
+                                ensemble)
   real_labels_bits  uint8 [N, ceil(classes / 8)]  ReaL files only: each image's ReaL label set, a
                     row of np.packbits over the classes (an empty set is a row of zeros)
 Example order carries no meaning: files are aligned by id.
@@ -133,7 +134,8 @@ def load(path: str) -> Predictions:
   if 'real_labels_bits' in arrays:
     bits = arrays['real_labels_bits']
     if bits.shape != (n, -(-p.probs.shape[1] // 8)):
-      raise errors.InputFileError(f'{not_one}: real_labels_bits {bits.shape} is not [N, classes / 8].')
+      raise errors.InputFileError(f'{not_one}: real_labels_bits {bits.shape} is not '
+                                  '[N, classes / 8].')
     p.real_labels = np.unpackbits(bits, axis=1, count=p.probs.shape[1]).astype(bool)
   if p.eval_set == REAL:
     if p.real_labels is None:

@@ -455,8 +455,8 @@ def runs_table(report: Report) -> list[str]:
 def evaluations_table(paths: Sequence[str]) -> list[str]:
   """A row per predictions file: its evaluation set, step, crops and scores; the paper's Figure 4
   only beside ImageNet's original validation labels (ReaL and ImageNet-V2 came after it)."""
-  lines = ['| File | Evaluation set | Step | Crops | Models | Top-1 | Top-5 | ReaL top-1 | ReaL top-5 '
-           '| Paper: top-1 | Paper: top-5 |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  lines = ['| File | Evaluation set | Step | Crops | Models | Top-1 | Top-5 | ReaL top-1 '
+           '| ReaL top-5 | Paper: top-1 | Paper: top-5 |', '|---|---|---|---|---|---|---|---|---|---|---|']
   for path in paths:
     p = predictions.load(path)
     acc = predictions.accuracy(p)

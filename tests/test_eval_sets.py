@@ -8,8 +8,8 @@ names, as a user places the real ones:
 - ImageNet-V2: a tiny imagenetv2-matched-frequency.tar.gz in the published layout
   (imagenetv2-matched-frequency-format-val/<class>/<name>.jpeg). TFDS's registered checksum is
   that of the 1.2 GiB archive, so the test registers the tiny archive's own size and checksum for
-  the builder's URL (computed by TFDS) in place of it; a test below shows the registered one refusing
-  the tiny file.
+  the builder's URL (computed by TFDS) in place of it; a test below shows the registered one
+  refusing the tiny file.
 Scores are checked against sums worked out by hand on constructed predictions.
 """
 
@@ -156,10 +156,11 @@ def test_real_holds_the_published_label_sets(sets, evaluated):
   assert sorted(real.ids.tolist()) == ids
   # The label sets and original labels, from real.json and TFDS's validation labels directly.
   index = {name: int(name[15:23]) - 1 for name in ids}
+  class_names = imagenet_fixture._tfds_labels('labels.txt')  # pylint: disable=protected-access
   for example_id, label, label_set in zip(real.ids, real.labels, real.real_labels):
     assert np.flatnonzero(label_set).tolist() == sorted(sets['real_json'][index[example_id]])
     synset = sets['manifest']['validation'][example_id]
-    assert label == imagenet_fixture._tfds_labels('labels.txt').index(synset)  # pylint: disable=protected-access
+    assert label == class_names.index(synset)
   assert not real.real_labels[real.ids.tolist().index('ILSVRC2012_val_00000001.JPEG')].any()
   acc = predictions.accuracy(real)
   assert (acc['real_examples'], acc['real_left_out']) == (11, 1)  # image 1's set is empty

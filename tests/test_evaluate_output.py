@@ -26,7 +26,7 @@ def member(n=4, classes=3, seed=0):
 
 def test_output_is_checked_before_anything_is_written(tmp_path):
   (tmp_path / 'config.json').write_text('{"keep": 1}')
-  with pytest.raises(errors.ConfigError, match='is not a predictions file: it is never overwritten'):
+  with pytest.raises(errors.ConfigError, match='not a predictions file: it is never overwritten'):
     predictions.check_output(str(tmp_path / 'config.json'), overwrite=True)
   assert (tmp_path / 'config.json').read_text() == '{"keep": 1}'
   with pytest.raises(errors.ConfigError, match='is a directory'):
