@@ -1,6 +1,7 @@
 r"""Did my runs reproduce the paper? Figures 2 and 3 from any runs of this project.
 
   python -m bn_inception.report WORKDIR [WORKDIR ...] [--output=DIR] [--window=3] [--baseline=WORKDIR]
+      [--predictions=FILE.npz ...]
 
 Reads each run's metrics.jsonl (the evaluations training logs as it goes) and config.json, finished
 or still training, names its variant from its config, and writes into --output:
@@ -11,6 +12,10 @@ or still training, names its variant from its config, and writes into --output:
                enough to say
   figure2.png  test accuracy against paper steps, one curve per run (Figure 2), with the target
                and each run's first crossing
+
+and, for the predictions files of --predictions (bn_inception.evaluate's, ensemble's), a row per
+file and evaluation set: top-1/top-5 on the original labels beside the paper's for the same crops,
+ReaL's where the set has them, ImageNet-V2's on its own labels.
 
 The target is robust to evaluation noise: the baseline's best moving average over `window`
 consecutive evaluations; a run reaches it when its own moving average does, the same rule for every
@@ -39,6 +44,7 @@ import numpy as np
 from bn_inception import checkpoints
 from bn_inception import cli
 from bn_inception import errors
+from bn_inception import predictions
 from bn_inception import train
 
 # (paper name, config module), in the order of the paper's Figure 3.
@@ -74,6 +80,9 @@ PAPER_FIGURE3 = {
 PAPER_SOURCE = ('the paper\'s Figure 3 (Ioffe & Szegedy 2015, arXiv:1502.03167v3; '
                 '`../shared/paper.md` section 4.1): single-crop top-1 on the 50,000 ImageNet '
                 'validation images')
+# The paper's Figure 4 (ImageNet validation, original labels): (top-1, top-5) by crops and models.
+PAPER_FIGURE4 = {('center', 1): (0.748, 0.9218), ('144', 1): (0.7801, 0.9418),
+                 ('144', 6): (0.799, 0.951)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,6 +452,27 @@ def runs_table(report: Report) -> list[str]:
   return lines
 
 
+def evaluations_table(paths: Sequence[str]) -> list[str]:
+  """A row per predictions file: its evaluation set, step, crops and scores; the paper's Figure 4
+  only beside ImageNet's original validation labels (ReaL and ImageNet-V2 came after it)."""
+  lines = ['| File | Evaluation set | Step | Crops | Models | Top-1 | Top-5 | ReaL top-1 '
+           '| ReaL top-5 | Paper: top-1 | Paper: top-5 |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  for path in paths:
+    p = predictions.load(path)
+    acc = predictions.accuracy(p)
+    models = len(p.meta.get('members', [])) or 1
+    eval_set = p.eval_set or p.meta.get('dataset', '?')
+    paper = (PAPER_FIGURE4.get((str(p.meta.get('crops')), models))
+             if eval_set == 'imagenet2012' else None)
+    real = ((pct(acc['real_top1']), pct(acc['real_top5']) + f' ({acc["real_left_out"]} left out)')
+            if 'real_top1' in acc else ('–', '–'))
+    lines.append('| ' + ' | '.join((
+        f'`{path}`', eval_set, str(p.meta.get('step', '–')), str(p.meta.get('crops', '–')),
+        str(models), pct(acc['top1']), pct(acc['top5']), *real,
+        *((pct(paper[0]), pct(paper[1])) if paper else ('–', '–')))) + ' |')
+  return lines
+
+
 # ------------------------------------------------------------------------------------------------
 # Figure 2
 # ------------------------------------------------------------------------------------------------
@@ -525,10 +555,12 @@ def read_runs(workdirs: Sequence[str]) -> list[Run]:
 
 
 def write_report(workdirs: Sequence[str], output: str, window: int = WINDOW,
-                 baseline: Optional[Sequence[str]] = None) -> Report:
+                 baseline: Optional[Sequence[str]] = None,
+                 predictions_files: Sequence[str] = ()) -> Report:
   """Writes output/report.md and output/figure2.png for the runs in `workdirs`; returns the report.
 
-  `baseline`: the workdirs whose runs set the target (default: the Inception runs among them).
+  `baseline`: the workdirs whose runs set the target (default: the Inception runs among them);
+  `predictions_files`: evaluations to list (evaluations_table).
   """
   if window < 1:
     raise errors.ConfigError(f'window must be at least 1, not {window}.')
@@ -541,12 +573,14 @@ def write_report(workdirs: Sequence[str], output: str, window: int = WINDOW,
       raise errors.ConfigError(f'--baseline names workdirs that are not among those reported: {unknown}.')
     chosen = [r for r in runs if os.path.normpath(r.workdir) in map(os.path.normpath, baseline)]
   report = figure3(runs, window, chosen)
+  evaluations = (['## Evaluations', '', *evaluations_table(predictions_files), '']
+                 if predictions_files else [])
   os.makedirs(output, exist_ok=True)
   plot_figure2(report, os.path.join(output, 'figure2.png'))
   text = '\n'.join([
       '# Figures 2 and 3 of the paper from these runs', '',
       '`python -m bn_inception.report ' + ' '.join(workdirs) + '`', '',
-      markdown(report), '## The runs', '', *runs_table(report), ''])
+      markdown(report), *evaluations, '## The runs', '', *runs_table(report), ''])
   with open(os.path.join(output, 'report.md'), 'w') as f:
     f.write(text)
   return report
@@ -556,7 +590,8 @@ def main(argv):
   workdirs = argv[1:]
   if not workdirs:
     raise app.UsageError('Name the runs\' workdirs: python -m bn_inception.report WORKDIR ...')
-  report = write_report(workdirs, FLAGS.output, FLAGS.window, FLAGS.baseline)
+  report = write_report(workdirs, FLAGS.output, FLAGS.window, FLAGS.baseline,
+                        FLAGS.predictions or ())
   print('\n'.join(figure3_table(report)))
   for n in report.notes:
     print(f'Note: {n}')
@@ -571,4 +606,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('window', WINDOW, 'Evaluations per moving average (target and crossings).')
   flags.DEFINE_multi_string('baseline', None, 'Workdir(s) whose best accuracy is the target '
                             '(default: the Inception runs among the workdirs).')
+  flags.DEFINE_multi_string('predictions', None, 'Predictions files (evaluate --output, ensemble '
+                            '--output) to list, a row each with its evaluation set.')
   cli.run(main)

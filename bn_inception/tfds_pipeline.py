@@ -44,6 +44,31 @@ and pass
 The first run prepares the data set once (hours; about 150 GB in data_dir); later runs only read
 data_dir and need no manual_dir."""
 
+# The evaluation sets' files besides ImageNet's validation archive. TFDS's builders would download
+# them; one placed in manual_dir under its published name is used instead (TFDS's DownloadManager
+# looks there by the file name registered with its checksum, and still verifies the checksum).
+REAL_JSON = ('real.json', 'https://raw.githubusercontent.com/google-research/reassessed-imagenet/'
+             'master/real.json', '380 KiB')
+_V2_URL = 'https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/'
+EVAL_SET_FILES = {
+    'imagenet2012_real': (('ILSVRC2012_img_val.tar', 'https://image-net.org/download-images '
+                           '(an account is needed)', '6.3 GiB'), REAL_JSON),
+    **{f'imagenet_v2/{variant}': ((name, _V2_URL + name, '1.2 GiB'),) for variant, name in (
+        ('matched-frequency', 'imagenetv2-matched-frequency.tar.gz'),
+        ('threshold-0.7', 'imagenetv2-threshold0.7.tar.gz'),
+        ('topimages', 'imagenetv2-top-images.tar.gz'))},
+}
+EVAL_SET_MISSING = """\
+The evaluation set {name} is not prepared in {data_dir}, and {problem}.
+Put these files, under these names, in one directory DIR (it may be the one holding the ImageNet
+archives):
+{files}
+and pass
+  --config.dataset.manual_dir=DIR --config.dataset.data_dir=WHERE_THE_PREPARED_DATA_GOES
+The first evaluation prepares the set once; later ones only read data_dir and need no manual_dir."""
+# An evaluation set whose supervised label is a set of labels: (its single label, the label set).
+LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
+
 # Training crops (Inception / GoogLeNet): 8%-100% of the area, aspect ratio 3/4-4/3.
 AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
@@ -63,18 +88,13 @@ def _builder(config) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(config.name, data_dir=config.data_dir)  # or DatasetNotFoundError
   if builder.is_prepared():
     return builder
-  if config.name == 'imagenet2012':
-    manual_dir = config.manual_dir
-    missing = [name for name in IMAGENET_ARCHIVES
-               if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
-    if missing:
-      problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
-                 'config.dataset.manual_dir is not set')
-      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
-                                                         problem=problem))
+  _check_manual_files(config, builder)
   logging.info('Preparing %s in %s, once.', config.name, builder.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  except tfds.core.download.download_manager.NonMatchingChecksumError as e:
+    raise errors.InputFileError(_wrong_file_message(config, e)) from e
   # TFDS stores the images as they come, decodable or not: decode each once now (little, against
   # the hours of preparing ImageNet), rather than fail in some epoch's batch.
   logging.info('Checking that every image of %s decodes.', config.name)
@@ -82,6 +102,37 @@ def _builder(config) -> tfds.core.DatasetBuilder:
   if any(bad.values()):
     raise errors.InputFileError(_undecodable_message(builder, bad))
   return builder
+
+
+def _check_manual_files(config, builder) -> None:
+  """Refuses, with what to download and where to put it, to prepare ImageNet or an evaluation set
+  whose files are not in manual_dir (rather than let TFDS try the network)."""
+  if config.name == 'imagenet2012' and (problem := _lacking(config.manual_dir, IMAGENET_ARCHIVES)):
+    raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
+                                                       problem=problem))
+  files = EVAL_SET_FILES.get(config.name, ())
+  if problem := _lacking(config.manual_dir, [name for name, _, _ in files]):
+    raise errors.NotFoundError(EVAL_SET_MISSING.format(
+        name=config.name, data_dir=builder.data_dir, problem=problem, files='\n'.join(
+            f'  {name} ({size}) from {source}' for name, source, size in files)))
+
+
+def _lacking(manual_dir, names) -> str:
+  """What keeps manual_dir from holding all of `names` ('' when it does)."""
+  missing = [name for name in names
+             if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
+  if not missing:
+    return ''
+  return (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
+          'config.dataset.manual_dir is not set')
+
+
+def _wrong_file_message(config, error) -> str:
+  """A file in manual_dir whose checksum is not the one TFDS registered for it."""
+  names = [name for name, _, _ in EVAL_SET_FILES.get(config.name, ()) if name in str(error)]
+  path = os.path.join(config.manual_dir or '', names[0]) if names else 'a downloaded file'
+  return (f'{path} is not the file {config.name} is prepared from: its size or checksum differs '
+          f'from the published one (TFDS: {str(error).splitlines()[0]}). Download it again.')
 
 
 def _undecodable_images(builder, split: str) -> list[str]:
@@ -139,6 +190,7 @@ def _keys(builder):
   """(image key, label key, id key or None) of an image-classification data set."""
   info = builder.info
   image, label = info.supervised_keys or (None, None)
+  label = LABEL_SETS.get(info.name, (label,))[0]
   features = dict(info.features.items())
   if not (isinstance(features.get(image), tfds.features.Image) and
           isinstance(features.get(label), tfds.features.ClassLabel)):
@@ -156,7 +208,9 @@ def get_info(config) -> data_spec.DatasetInfo:
   _, label, _ = _keys(builder)
   return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
-      num_train_examples=builder.info.splits[config.train_split].num_examples,
+      # Evaluation sets (ReaL, ImageNet-V2) have no training split.
+      num_train_examples=(builder.info.splits[config.train_split].num_examples
+                          if config.train_split in builder.info.splits else 0),
       num_eval_examples=builder.info.splits[config.eval_split].num_examples)
 
 
@@ -412,19 +466,27 @@ def _eval_dataset(config, local_batch_size, crops, process_index, process_count)
   host_split = tfds.even_splits(config.eval_split, n=process_count)[process_index]
   instructions = builder.info.splits[host_split].file_instructions
   host_examples = sum(i.take for i in instructions)
-  parse = _parser(builder, (image_key, label_key, id_key))
+  set_key = LABEL_SETS.get(builder.info.name, (None, None))[1]
+  parse = _parser(builder, (image_key, label_key, id_key, set_key))
+  num_classes = builder.info.features[label_key].num_classes
 
   def preprocess(record, fallback_id):
     example = parse(record)
-    return {'image': eval_image(example[image_key], config.image_size, crops),
-            'label': tf.cast(example[label_key], tf.int32),
-            'mask': True,
-            'id': example[id_key] if id_key else fallback_id}
+    out = {'image': eval_image(example[image_key], config.image_size, crops),
+           'label': tf.cast(example[label_key], tf.int32),
+           'mask': True,
+           'id': example[id_key] if id_key else fallback_id}
+    if set_key:  # the label set as a row of booleans over the classes (an empty set: all False)
+      out['real_labels'] = tf.reduce_any(
+          tf.one_hot(example[set_key], num_classes, on_value=True, off_value=False), axis=0)
+    return out
 
   ds = _records_with_ids(instructions).map(preprocess, num_parallel_calls=AUTOTUNE,
                                            deterministic=True)
   num_batches = data_spec.num_eval_batches(num_examples, local_batch_size, process_count)
   padding = {'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False, 'id': ''}
+  if set_key:
+    padding['real_labels'] = tf.zeros([num_classes], tf.bool)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
       num_batches * local_batch_size - host_examples))
   return ds.batch(local_batch_size, drop_remainder=True).prefetch(1)

@@ -93,6 +93,7 @@ def test_ensemble_can_beat_its_members():
     probs[np.arange(n), labels] = 0.2
     right = np.arange(n) % 3 == k
     probs[~right, (labels[~right] + 1 + k) % classes] = 0.3
+    probs /= probs.sum(axis=1, keepdims=True)  # rows of probabilities: the ensemble refuses others
     members.append(Predictions(probs, labels, np.arange(n), {}))
   combined = ensemble.ensemble(members, ['a', 'b', 'c'])
   rows = ensemble.report(members, ['a', 'b', 'c'], combined)
