@@ -13,6 +13,7 @@ change a single pixel.
 """
 
 import os
+import tarfile
 
 from absl import logging
 import numpy as np
@@ -107,9 +108,11 @@ def _builder(config) -> tfds.core.DatasetBuilder:
 def _check_manual_files(config, builder) -> None:
   """Refuses, with what to download and where to put it, to prepare ImageNet or an evaluation set
   whose files are not in manual_dir (rather than let TFDS try the network)."""
-  if config.name == 'imagenet2012' and (problem := _lacking(config.manual_dir, IMAGENET_ARCHIVES)):
-    raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
-                                                       problem=problem))
+  if config.name == 'imagenet2012':
+    if problem := _lacking(config.manual_dir, IMAGENET_ARCHIVES):
+      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
+                                                         problem=problem))
+    _check_imagenet_archives(config.manual_dir)
   files = EVAL_SET_FILES.get(config.name, ())
   if problem := _lacking(config.manual_dir, [name for name, _, _ in files]):
     raise errors.NotFoundError(EVAL_SET_MISSING.format(
@@ -133,6 +136,32 @@ def _wrong_file_message(config, error) -> str:
   path = os.path.join(config.manual_dir or '', names[0]) if names else 'a downloaded file'
   return (f'{path} is not the file {config.name} is prepared from: its size or checksum differs '
           f'from the published one (TFDS: {str(error).splitlines()[0]}). Download it again.')
+
+
+def _check_imagenet_archives(manual_dir: str) -> None:
+  """Refuses an archive that is not a tar of what ImageNet ships (the training archive holds one
+  tar per synset, the validation archive JPEGs): an HTML login page saved under the archive's
+  name, or an empty file, which TFDS's builder only reports in a long traceback naming neither.
+  Reads the first member only, not the 138 GiB."""
+  first_member_suffix = dict(zip(IMAGENET_ARCHIVES, ('.tar', '.JPEG')))
+  for name, suffix in first_member_suffix.items():
+    path = os.path.join(manual_dir, name)
+    try:
+      with tarfile.open(path, 'r:') as archive:
+        first = archive.next()
+    except tarfile.TarError:
+      problem = 'not a tar file'
+    else:
+      if first is not None and first.isfile() and first.name.endswith(suffix):
+        continue
+      problem = f'its first member is {first.name}' if first else 'an empty tar'
+    with open(path, 'rb') as f:
+      start = f.read(32)
+    raise errors.InputFileError(
+        f'{path} is not a tar of {"synset tars of JPEGs" if suffix == ".tar" else "JPEGs"} as '
+        f'ImageNet ships it ({problem}; {os.path.getsize(path)} bytes, starting {start!r}): a '
+        'failed download (a login page saved under the archive\'s name)? Download it again from '
+        'https://image-net.org/download-images.')
 
 
 def _undecodable_images(builder, split: str) -> list[str]:
