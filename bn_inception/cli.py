@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any, Callable, NoReturn
 
@@ -146,28 +147,40 @@ def _stop_when_another_fails() -> None:
   sys.stderr.write(f'Error: process {failure.split(":", 1)[0]} of the run failed '
                    f'({failure.split(":", 1)[1].strip()}); stopping process {jax.process_index()} '
                    'too.\n')
-  sys.stderr.flush()
-  _kv_store().key_value_set(f'{_FAILED_KEY}/seen_by/{jax.process_index()}', '1')
-  os._exit(1)  # pylint: disable=protected-access  # other threads may be blocked in a collective
+  _leave(1)
 
 
 def _report_failure(error: BaseException) -> None:
-  """Tells the other processes that this one failed and gives them --failure_timeout to read it."""
+  """Tells the other processes that this one failed (unless another failed first)."""
   import jax  # pylint: disable=g-import-not-at-top
-  client, me = _kv_store(), jax.process_index()
-  what = str(error.code) if isinstance(error, SystemExit) else errors.describe(error)
+  what = (f'exit status {error.code}' if isinstance(error, SystemExit)
+          else errors.describe(error))
   try:
-    client.key_value_set(_FAILED_KEY, f'{me}: {what}')
+    _kv_store().key_value_set(_FAILED_KEY, f'{jax.process_index()}: {what}')
+    sys.stderr.write(f'Error: process {jax.process_index()} failed; stopping the other processes '
+                     'of the run.\n')
   except Exception:  # pylint: disable=broad-except  # another process failed first
-    return
-  sys.stderr.write(f'Error: process {me} failed; stopping the other processes of the run.\n')
+    pass
+
+
+def _leave(status: int) -> NoReturn:
+  """Exits now, not at JAX's shutdown barrier (which would wait for processes that have stopped).
+  Process 0 holds the coordination service, and the others abort when it goes: it leaves last,
+  once each other process said it leaves (or after --failure_timeout)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  sys.stdout.flush()
   sys.stderr.flush()
-  for i in range(jax.process_count()):
-    if i != me:
-      try:
-        client.blocking_key_value_get(f'{_FAILED_KEY}/seen_by/{i}', _failure_timeout * 1000)
-      except Exception:  # pylint: disable=broad-except  # gone already, or not answering
-        pass
+  client, me = _kv_store(), jax.process_index()
+  try:
+    if me:
+      client.key_value_set(f'{_FAILED_KEY}/left/{me}', '1')
+    else:
+      for i in range(1, jax.process_count()):
+        client.blocking_key_value_get(f'{_FAILED_KEY}/left/{i}', _failure_timeout * 1000)
+      time.sleep(1)  # for the last one's exit to get under way
+  except Exception:  # pylint: disable=broad-except  # gone already, or not answering
+    pass
+  os._exit(status)  # pylint: disable=protected-access  # other threads may be in a collective
 
 
 def check_processes_agree(**values: Any) -> None:
@@ -220,10 +233,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
       if not isinstance(e, SystemExit):
         traceback.print_exc()
       _report_failure(e)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      # Not sys.exit: JAX's shutdown barrier would wait for processes that have stopped.
-      os._exit(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)  # pylint: disable=protected-access
+      _leave(e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
 
   app.run(main_stopping_the_others, flags_parser=_parse_flags)
 
