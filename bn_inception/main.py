@@ -7,6 +7,8 @@ the same command on every host (README.md, "Several hosts"): Slurm, Open MPI and
 detected; elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -29,6 +31,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
+  cli.check_processes_agree(config=_CONFIG.value.to_dict(),
+                            workdir=os.path.abspath(_WORKDIR.value))
   from bn_inception import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            start_over_if_unreadable=_START_OVER.value)
