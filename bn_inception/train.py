@@ -261,16 +261,16 @@ def check_memory(config: ml_collections.ConfigDict, examples: int, mesh: jax.sha
   each device the network's activations for its share (kept for the backward pass and matched by
   their gradients when training)."""
   size, width = config.dataset.image_size, config.model.width
-  input_bytes = size * size * 3 * 4
-  per_device = -(-examples // mesh.devices.size)
-  activation_bytes = (jnp.dtype(config.model.dtype).itemsize * size * size * 3
+  values_per_image = size * size * 3
+  activation_bytes = (jnp.dtype(config.model.dtype).itemsize * values_per_image
                       * max(1.0, _ACTIVATIONS_PER_INPUT_VALUE * width) * (2 if training else 1))
-  host_need = 2 * input_bytes * examples // jax.process_count()
-  device_need = per_device * activation_bytes
-  host = _memory_bytes(jax.local_devices(backend='cpu')[0])
-  device = _memory_bytes(mesh.devices.flat[0])
-  for need, have, where in ((host_need, host, 'this host'), (device_need, device,
-                                                             f'each {mesh.devices.flat[0].device_kind} device')):
+  device = mesh.devices.flat[0]
+  needs = (
+      (2 * 4 * values_per_image * examples // jax.process_count(),
+       _memory_bytes(jax.local_devices(backend='cpu')[0]), 'this host'),
+      (-(-examples // mesh.devices.size) * activation_bytes, _memory_bytes(device),
+       f'each {device.device_kind} device'))
+  for need, have, where in needs:
     if have is not None and need > have:
       fits = max(1, int(examples * have / need / 2))
       raise errors.ConfigError(
