@@ -12,6 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bn_inception import cli
+from bn_inception import run_dir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. '
                                           'configs/bn_x30.py or configs/bn_x30.py:digits.',
@@ -28,6 +29,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run_dir.check_writable(_WORKDIR.value)  # at once, not after JAX's and the data's setup
   cli.start()
   from bn_inception import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,

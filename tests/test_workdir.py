@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from bn_inception import errors
+from bn_inception import run_dir
 from test_report import make_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,3 +29,32 @@ def test_the_report_needs_neither_jax_nor_tensorflow(tmp_path):
   assert result.returncode == 0, result.stderr
   assert '| BN-x5 |' in result.stdout  # named from its config, as with JAX
   assert (tmp_path / 'out' / 'report.md').exists() and (tmp_path / 'out' / 'figure2.png').exists()
+
+
+@pytest.mark.parametrize('where', ['an existing file', 'a path under a file'])
+def test_a_workdir_that_cannot_be_one_is_refused_at_once(tmp_path, where):
+  # Refused before JAX, Orbax or TFDS start (which take tens of seconds), and nothing written.
+  existing_file = tmp_path / 'notes.txt'
+  existing_file.write_text('not a workdir')
+  workdir = existing_file if where == 'an existing file' else existing_file / 'run'
+  result = subprocess.run(
+      [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py:digits',
+       f'--workdir={workdir}'], cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO},
+      capture_output=True, text=True, timeout=10)
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('Error:')]
+  assert len(errors) == 1 and str(existing_file) in errors[0], result.stderr
+  assert 'is a file, not a directory' in errors[0], result.stderr
+  assert os.listdir(tmp_path) == ['notes.txt'] and existing_file.read_text() == 'not a workdir'
+
+
+def test_a_workdir_this_user_cannot_write_is_refused(tmp_path, monkeypatch):
+  # The tests run as root, whom permissions do not stop: the permission is what os.access says.
+  run_dir.check_writable(str(tmp_path / 'new' / 'run'))  # to be created: fine, and not created
+  assert os.listdir(tmp_path) == []
+  monkeypatch.setattr(os, 'access', lambda path, mode: os.path.realpath(path) != str(tmp_path))
+  with pytest.raises(errors.ConfigError, match='the directory is not writable by this user'):
+    run_dir.check_writable(str(tmp_path))
+  with pytest.raises(errors.ConfigError, match=f'cannot be created: {tmp_path} is not writable'):
+    run_dir.check_writable(str(tmp_path / 'new' / 'run'))
