@@ -159,25 +159,21 @@ class _LoopWaitingForItsTasks(asyncio.SelectorEventLoop):
     super().close()
 
 
-class _LoopsWaitingForTheirTasks(asyncio.DefaultEventLoopPolicy):
-
-  def new_event_loop(self):
-    return _LoopWaitingForItsTasks()
-
-
 @contextlib.contextmanager
 def _reads_finish_before_loops_close():
   """Orbax reads a checkpoint's arrays concurrently (tensorstore) in a fresh event loop, which it
   closes as soon as one read fails; each read still in flight then completes by scheduling its
   callback on the closed loop, and tensorstore reports every "Event loop is closed" RuntimeError
   through sys.unraisablehook: tens of thousands of lines for one damaged checkpoint. Loops made
-  meanwhile let their reads finish before closing, as asyncio.run() would."""
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_LoopsWaitingForTheirTasks())
+  meanwhile let their reads finish before closing, as asyncio.run() would. Orbax makes its loops
+  with asyncio.new_event_loop(), which is replaced meanwhile: event-loop policies, the other way to
+  choose the loop it returns, are deprecated from Python 3.14."""
+  previous = asyncio.new_event_loop
+  asyncio.new_event_loop = _LoopWaitingForItsTasks
   try:
     yield
   finally:
-    asyncio.set_event_loop_policy(previous)
+    asyncio.new_event_loop = previous
 
 
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
