@@ -37,15 +37,13 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
-import flax
 import ml_collections
 import numpy as np
 
-from bn_inception import checkpoints
 from bn_inception import cli
 from bn_inception import errors
 from bn_inception import predictions
-from bn_inception import train
+from bn_inception import run_dir
 
 # (paper name, config module), in the order of the paper's Figure 3.
 VARIANTS = (
@@ -136,13 +134,13 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def paper_step(record: dict, batch_size: int) -> int:
-  return record.get('paper_step', record['step'] * batch_size // train.PAPER_BATCH)
+  return record.get('paper_step', record['step'] * batch_size // run_dir.PAPER_BATCH)
 
 
 def read_run(workdir: str) -> Run:
   """One workdir, finished or still training; refuses one without metrics or config."""
   records = read_metrics(workdir)
-  config = checkpoints.read_config(workdir)
+  config = run_dir.read_config(workdir)
   if not records:
     raise errors.InputFileError(f'{workdir}/metrics.jsonl is empty: training has not logged a step yet.')
   evals = [m for m in records if 'eval_top1' in m]
@@ -152,7 +150,7 @@ def read_run(workdir: str) -> Run:
       steps=np.array([paper_step(m, batch) for m in evals], dtype=np.int64),
       top1=np.array([m['eval_top1'] for m in evals], dtype=np.float64),
       trained=max(paper_step(m, batch) for m in records),
-      planned=config.num_train_steps * batch // train.PAPER_BATCH,
+      planned=config.num_train_steps * batch // run_dir.PAPER_BATCH,
       eval_examples=int(evals[-1]['eval_examples']) if evals else None)
 
 
@@ -167,7 +165,14 @@ def variant_configs(scale: str) -> dict[str, ml_collections.ConfigDict]:
 
 
 def flat(config: ml_collections.ConfigDict) -> dict:
-  return flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  """{'model.width': 1.0, ...}: the config's fields by their dotted names."""
+  def fields(node: dict, prefix: str):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from fields(value, f'{prefix}{key}.')
+      else:
+        yield prefix + key, value
+  return dict(fields(config.to_dict(), ''))
 
 
 def same(a, b) -> bool:

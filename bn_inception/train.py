@@ -37,8 +37,7 @@ from bn_inception import errors
 from bn_inception import input_pipeline
 from bn_inception import metrics
 from bn_inception import models
-
-PAPER_BATCH = 32  # the paper's mini-batch: learning rates and "paper steps" are per 32 images
+from bn_inception.run_dir import PAPER_BATCH
 
 
 @flax.struct.dataclass
