@@ -1,6 +1,7 @@
 """What the command-line entry points share: logging, joining the other processes of a run, and how
 errors the user can fix are reported (`run`)."""
 
+import atexit
 import json
 import logging as std_logging
 import os
@@ -118,10 +119,15 @@ def start(flag_values=flags.FLAGS) -> None:
     multihost_utils.sync_global_devices('bn_inception.cli.start')
     global _failure_timeout
     _failure_timeout = flag_values['failure_timeout'].value
-    threading.Thread(target=_stop_when_another_fails, daemon=True).start()
+    watcher = threading.Thread(target=_stop_when_another_fails, daemon=True)
+    watcher.start()
+    # Stopped before JAX's own exit handler (registered earlier, so run later) shuts the client
+    # down: a call still waiting in the client then would abort the process.
+    atexit.register(lambda: (_finished.set(), watcher.join()))
 
 
 _failure_timeout = None  # set by `start` once this process is one of several
+_finished = threading.Event()  # set at exit, for the watcher to stop asking
 
 
 def _kv_store():
@@ -134,20 +140,18 @@ def _stop_when_another_fails() -> None:
   """Waits (on a thread) for another process's failure; then says which failed and exits 1, rather
   than waiting in a collective or at JAX's shutdown barrier for a process that will never come."""
   import jax  # pylint: disable=g-import-not-at-top
-  while True:
+  client, me = _kv_store(), jax.process_index()
+  while not _finished.wait(1.0):  # asks once a second: a blocking wait could not be stopped
     try:
-      failure = _kv_store().blocking_key_value_get(_FAILED_KEY, 3_600_000)
-    except Exception:  # pylint: disable=broad-except  # an hour without news, or the service gone
-      if _kv_store() is None:
-        return
+      failure = client.key_value_try_get(_FAILED_KEY)
+    except Exception:  # pylint: disable=broad-except  # not set: no process failed
       continue
-    if not failure.startswith(f'{jax.process_index()}:'):
-      break
-    return  # this process failed itself: `run` stops it
-  sys.stderr.write(f'Error: process {failure.split(":", 1)[0]} of the run failed '
-                   f'({failure.split(":", 1)[1].strip()}); stopping process {jax.process_index()} '
-                   'too.\n')
-  _leave(1)
+    failed, what = failure.split(':', 1)
+    if failed == str(me):
+      return  # this process failed itself: `run` stops it
+    sys.stderr.write(f'Error: process {failed} of the run failed ({what.strip()}); stopping '
+                     f'process {me} too.\n')
+    _leave(1)
 
 
 def _report_failure(error: BaseException) -> None:
