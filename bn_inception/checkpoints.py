@@ -112,7 +112,7 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
   steps again. Nothing else changes on disk.
   """
   if os.path.exists(os.path.join(workdir, run_dir.CONFIG)):
-    changed = diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
+    changed = run_dir.diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
     if 'num_train_steps' in changed:  # how a run is extended: expected, not a warning
       logging.info('Resuming %s with num_train_steps %s -> %s.', workdir,
                    *changed.pop('num_train_steps'))
@@ -229,23 +229,8 @@ def check_fits(stored, target, step: int, directory) -> None:
         'ema_decay)? Use a new --workdir, or the config the run was started with.')
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json (atomically; `resume` compares the config with it first)."""
+def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """config.json and its history (run_dir.write_config), from process 0: training goes on from
+  `step` under `config`."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, run_dir.CONFIG)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
-
-
-def diff(old: dict, new: dict, prefix: str = '') -> dict[str, tuple[Any, Any]]:
-  """Fields whose values differ between two nested dicts, as {'a.b': (old, new)}."""
-  out = {}
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out.update(diff(a, b, f'{prefix}{key}.'))
-    elif a != b:
-      out[prefix + key] = (a, b)
-  return out
+    run_dir.write_config(workdir, config, step)

@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from bn_inception import errors
+from bn_inception import run_dir
 
 _TRACEBACK = flags.DEFINE_bool(
     'traceback', False, 'Also print the Python traceback of an error in the input (config, flags, '
@@ -194,14 +195,13 @@ def check_processes_agree(**values: Any) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return
-  from bn_inception import checkpoints  # pylint: disable=g-import-not-at-top
   mine = json.loads(json.dumps(values, default=str))
   client, me = _kv_store(), jax.process_index()
   client.key_value_set(f'bn_inception/agree/{me}', json.dumps(mine))
   for i in range(jax.process_count()):
     theirs = json.loads(client.blocking_key_value_get(f'bn_inception/agree/{i}',
                                                       _failure_timeout * 1000))
-    differ = checkpoints.diff(theirs if i == 0 else mine, mine if i == 0 else theirs)
+    differ = run_dir.diff(theirs if i == 0 else mine, mine if i == 0 else theirs)
     if differ:
       raise errors.ConfigError(
           f'Process {i if me == 0 else me} was started with '

@@ -25,6 +25,11 @@ class InputFileError(UserError, ValueError):
   """A file given (or found) that is not what it should be: damaged, or another kind of file."""
 
 
+class TrainingDivergedError(UserError, FloatingPointError):
+  """Training met a non-finite loss, gradient, parameter or statistic; the message names the step
+  and the last good checkpoint."""
+
+
 class NotFoundError(UserError, FileNotFoundError):
   """A file, directory, checkpoint or data set that is not there."""
 

@@ -96,6 +96,7 @@ class Run:
   trained: int  # paper steps trained so far (the last logged step)
   planned: int  # paper steps the run is configured for
   eval_examples: Optional[int]  # examples per evaluation
+  config_changes: list[str] = dataclasses.field(default_factory=list)  # resumed under another
   label: str = ''  # how tables and legends name it (set by label_runs)
 
   @property
@@ -151,7 +152,22 @@ def read_run(workdir: str) -> Run:
       top1=np.array([m['eval_top1'] for m in evals], dtype=np.float64),
       trained=max(paper_step(m, batch) for m in records),
       planned=config.num_train_steps * batch // run_dir.PAPER_BATCH,
-      eval_examples=int(evals[-1]['eval_examples']) if evals else None)
+      eval_examples=int(evals[-1]['eval_examples']) if evals else None,
+      config_changes=config_changes(workdir))
+
+
+def config_changes(workdir: str) -> list[str]:
+  """'from paper step P: learning_rate 0.045 -> 0.01' for each resume under a changed config
+  (a new num_train_steps alone is how a run is extended, not a change of recipe)."""
+  history = run_dir.read_config_history(workdir)
+  out = []
+  for (_, old), (step, new) in zip(history, history[1:]):
+    changed = {k: v for k, v in run_dir.diff(old, new).items() if k != 'num_train_steps'}
+    if changed:
+      out.append(f'from step {step:,} (paper step '
+                 f'{fmt_steps(step * old["batch_size"] // run_dir.PAPER_BATCH)}): '
+                 + ', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items()))
+  return out
 
 
 def variant_configs(scale: str) -> dict[str, ml_collections.ConfigDict]:
@@ -316,6 +332,10 @@ def notes(runs, baseline, ready, window, is_plateau) -> list[str]:
     out.append(f'The runs were evaluated at different intervals ({", ".join(map(fmt_steps, sorted(intervals)))} '
                f'paper steps): a moving average over {window} evaluations spans a different '
                'number of steps in each.')
+  for r in runs:
+    if r.config_changes:
+      out.append(f'{r.label or r.workdir} was resumed under a changed config (the table names its '
+                 f'variant by the newest): {"; ".join(r.config_changes)}.')
   silent = [r.label or r.workdir for r in runs if len(r.top1) < window]
   if silent:
     out.append(f'Fewer than {window} evaluations yet, so no moving average: {", ".join(silent)}.')

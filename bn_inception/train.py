@@ -37,6 +37,7 @@ from bn_inception import errors
 from bn_inception import input_pipeline
 from bn_inception import metrics
 from bn_inception import models
+from bn_inception import run_dir
 from bn_inception.run_dir import PAPER_BATCH
 
 
@@ -559,19 +560,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
-  # Every check comes before the first write: a refused run changes no file in the workdir.
-  step, restored = checkpoints.resume(workdir, config, state,
-                                      start_over_if_unreadable=start_over_if_unreadable)
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
-  elif config.init_from:
-    state = load_pretrained(state, config.init_from)
+  # Every check comes before the first write: a refused run changes no file in the workdir. One
+  # training at a time in a workdir: process 0 holds its lock until the end.
+  lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    step, restored = checkpoints.resume(workdir, config, state,
+                                        start_over_if_unreadable=start_over_if_unreadable)
+    if restored is not None:
+      state = restored
+      logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
+    elif config.init_from:
+      state = load_pretrained(state, config.init_from)
+  except BaseException:
+    if lock:
+      lock.release()
+    raise
   step = int(state.step)
-  if step >= config.num_train_steps:
+  if step >= config.num_train_steps:  # config.json keeps describing the steps that ran
     logging.warning('The run is at step %d, num_train_steps is %d: nothing to train (a larger '
                     '--config.num_train_steps extends the run).', step, config.num_train_steps)
-  checkpoints.write_config(workdir, config)
+    if lock:
+      lock.release()
+    return state
+  checkpoints.write_config(workdir, config, step)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
                              keep_every=config.keep_checkpoint_every_steps)
 
@@ -588,7 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if bad >= 0:
       mngr.wait_until_finished()
       last = mngr.latest_step()
-      raise FloatingPointError(
+      raise errors.TrainingDivergedError(
           'Training diverged: the loss, gradients, parameters or BN statistics were not finite '
           f'at step {bad} (paper step {bad * config.batch_size // PAPER_BATCH}). The last good '
           'checkpoint is '
@@ -656,6 +667,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
     writer.close()
     preemption.restore()
+    if lock:
+      lock.release()
   return state
 
 
