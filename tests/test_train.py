@@ -22,6 +22,7 @@ import optax
 import pytest
 
 from bn_inception import checkpoints
+from bn_inception import errors
 from bn_inception import evaluate
 from bn_inception import input_pipeline
 from bn_inception import metrics
@@ -252,7 +253,7 @@ def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(t
   checkpoint; every checkpoint written is finite."""
   config = ema_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
                             eval_every_steps=100)
-  with pytest.raises(FloatingPointError, match=r'not finite at step 3 \(paper step 1\)\. The '
+  with pytest.raises(errors.TrainingDivergedError, match=r'not finite at step 3 \(paper step 1\)\. The '
                      r'last good checkpoint is step 3 in'):
     train.train_and_evaluate(config, str(tmp_path))
   mngr = checkpoints.manager(str(tmp_path), read_only=True)
