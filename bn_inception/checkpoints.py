@@ -34,12 +34,62 @@ def checkpoint_dir(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
             read_only: bool = False) -> ocp.CheckpointManager:
+  """Orbax's manager of WORKDIR/checkpoints: a writer (training's), or with `read_only` a reader,
+  which saves and deletes nothing.
+
+  A writer first removes the temporary directories of saves that never finished (a second Ctrl-C,
+  a killed process), naming them. Orbax announces a reader with the warning "Given directory is
+  read only", which describes the manager, not the directory, and so is not shown.
+  """
+  directory = checkpoint_dir(workdir)
+  if not read_only:
+    log_unfinished_saves(directory)
   options = ocp.CheckpointManagerOptions(  # read-only: nothing to keep or save (Orbax warns else)
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       keep_period=keep_every or None, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
+  with _hidden_warning('Given directory is read only'):
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+
+
+def log_unfinished_saves(directory: str) -> None:
+  """Names the temporary directories of unfinished saves in `directory` (Orbax removes them when
+  a writer opens it) and the space they take."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  unfinished = sorted(ocp.path.step.tmp_checkpoints(directory))
+  if unfinished:
+    logging.warning(
+        'Removing what unfinished checkpoint saves left in %s (a save interrupted by a second '
+        'Ctrl-C or a killed process): %s.', directory,
+        ', '.join(f'{name} ({format_bytes(disk_usage(os.path.join(directory, name)))})'
+                  for name in unfinished))
+
+
+def disk_usage(path: str) -> int:
+  """Bytes of the files under `path`."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def format_bytes(n: int) -> str:
+  for unit in ('bytes', 'kB', 'MB', 'GB'):
+    if n < 1000 or unit == 'GB':
+      return f'{n:,} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1000
+
+
+@contextlib.contextmanager
+def _hidden_warning(prefix: str):
+  """Drops Orbax's log records that start with `prefix` meanwhile."""
+  logger = logging.get_absl_logger()
+  keep = lambda record: not record.getMessage().startswith(prefix)
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -74,7 +124,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
     try:
       with _reads_finish_before_loops_close():
         if target is not None:
-          check_fits(mngr.item_metadata(s)[ITEM].tree, target, s, mngr.directory)
+          check_fits(_saved_tree(mngr, s), target, s, mngr.directory)
         if only is not None:
           restored = {ITEM: _restore_only(mngr, s, only)}
         else:
@@ -185,6 +235,17 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
     os.replace(path, aside)
   mngr.reload()
   return os.path.basename(aside)
+
+
+def _saved_tree(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """The metadata of a checkpoint's arrays, read by the item's handler: the manager's
+  item_metadata turns a missing _METADATA file into None, with a warning about handler registries,
+  where the handler says the file is missing."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(mngr.directory / str(step) / ITEM).tree
+  finally:
+    handler.close()
 
 
 def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) -> dict[str, Any]:
