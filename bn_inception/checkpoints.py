@@ -8,9 +8,12 @@ never starts again from step 0 when checkpoints exist but none can be read (`res
 
 import asyncio
 import contextlib
+import errno
 import glob
 import json
+import logging as std_logging
 import os
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -49,8 +52,103 @@ def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
       keep_period=keep_every or None, create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
   with _hidden_warning('Given directory is read only'):
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+    return (ocp.CheckpointManager if read_only else _Writer)(
+        directory, options=options, item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+
+
+class _Writer(ocp.CheckpointManager):
+  """Orbax's manager, whose saves that fail for a full disk end in one DiskFullError.
+
+  Orbax writes a checkpoint in the background: a failed write surfaces at the next save or when
+  waiting for the last one, each of its writers logging its own traceback, and each write still in
+  flight reporting through sys.unraisablehook that its event loop, closed at the first failure, is
+  gone: hundreds of lines. The logs are dropped for a full disk, which the DiskFullError explains,
+  and the reports of a closed loop from then on in this process (they only follow another error,
+  and may come after the manager closed).
+  """
+
+  def __init__(self, directory, options: ocp.CheckpointManagerOptions, **kwargs):
+    super().__init__(directory, options=options, **kwargs)
+    self.keep = options.max_to_keep
+    self.saving = None  # the step of the save last started
+    self._quiet = lambda record: not (record.levelno >= std_logging.ERROR and _is_disk_full(record))
+    logging.get_absl_logger().addFilter(self._quiet)
+    _ignore_reports_of_closed_loops()
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    # Orbax's save first waits for the previous one: its failure is named as that step's.
+    with self._disk_full_explained(step):
+      saved = super().save(step, *args, **kwargs)
+    self.saving = step
+    return saved
+
+  def wait_until_finished(self) -> None:
+    with self._disk_full_explained(self.saving):
+      super().wait_until_finished()
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      logging.get_absl_logger().removeFilter(self._quiet)
+
+  @contextlib.contextmanager
+  def _disk_full_explained(self, step: Optional[int]):
+    try:
+      yield
+    except DiskFullError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_disk_full(e):
+        raise
+      raise disk_full_error(str(self.directory), step, self.keep) from e
+
+
+def _ignore_reports_of_closed_loops() -> None:
+  """Drops the unraisable "Event loop is closed" errors of callbacks that outlived their loop;
+  every other unraisable error is reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.ignores_closed_loops = True
+  sys.unraisablehook = hook
+
+
+def _is_disk_full(error) -> bool:
+  """Whether `error` (an exception, or a log record with its text and exception) comes from a
+  full disk: an OSError with errno ENOSPC in its chain, or tensorstore's ValueError, which gives
+  only the text."""
+  if isinstance(error, std_logging.LogRecord):
+    text, error = error.getMessage(), error.exc_info[1] if error.exc_info else None
+    if os.strerror(errno.ENOSPC) in text:
+      return True
+  while error is not None:
+    if getattr(error, 'errno', None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def disk_full_error(directory: str, step: Optional[int], keep: Optional[int]) -> 'DiskFullError':
+  """What a full disk during the save of `step` means for the run, and what to do."""
+  complete = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  if complete:
+    size = format_bytes(disk_usage(os.path.join(directory, str(complete[-1]))))
+    needs = f' A checkpoint takes {size} (step {complete[-1]}\'s)'
+    resume = f'step {complete[-1]}, the newest complete checkpoint'
+  else:
+    needs, resume = ' No checkpoint is complete yet, so its size is unknown', 'step 0'
+  room = (f'; keep_checkpoints={keep} needs room for {keep + 1} of them while one is saved'
+          if keep else '')
+  return DiskFullError(
+      f'The disk is full: the checkpoint of step {step} could not be written in {directory}.'
+      f'{needs}{room}. Free space (or lower --config.keep_checkpoints, or use a --workdir on '
+      f'another disk) and rerun the same command: it resumes from {resume}.')
 
 
 def log_unfinished_saves(directory: str) -> None:
@@ -270,6 +368,10 @@ class CheckpointMismatchError(errors.UserError, ValueError):
 
 class UnreadableCheckpointsError(errors.UserError, RuntimeError):
   """Checkpoints exist, but none can be read."""
+
+
+class DiskFullError(errors.UserError, OSError):
+  """A checkpoint could not be written for lack of space; the earlier ones are intact."""
 
 
 def check_fits(stored, target, step: int, directory) -> None:
