@@ -163,3 +163,14 @@ def test_a_full_disk_during_a_save_is_one_message(tmp_path, surfaces_at):
   shown = [line for line in result.stderr.splitlines() if not re.match(r'I\d{4} ', line)]
   assert len(shown) == 1, result.stderr
   assert sorted(os.listdir(directory))[0] == '1'  # intact
+
+
+def test_an_ensemble_output_this_user_cannot_write_is_refused_first(tmp_path, monkeypatch):
+  # The tests run as root, whom permissions do not stop: the permission is what os.access says.
+  from bn_inception import ensemble  # pylint: disable=g-import-not-at-top
+  from bn_inception import errors  # pylint: disable=g-import-not-at-top
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  monkeypatch.setattr(os, 'access', lambda path, mode: os.path.realpath(path) != str(locked))
+  with pytest.raises(errors.ConfigError, match='cannot be written'):
+    ensemble.ensemble_files([str(tmp_path / 'never_read.npz')] * 2, str(locked / 'e.npz'))
