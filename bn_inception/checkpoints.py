@@ -159,8 +159,8 @@ def log_unfinished_saves(directory: str) -> None:
   unfinished = sorted(ocp.path.step.tmp_checkpoints(directory))
   if unfinished:
     logging.warning(
-        'Removing what unfinished checkpoint saves left in %s (a save interrupted by a second '
-        'Ctrl-C or a killed process): %s.', directory,
+        'Removing the unfinished checkpoint saves in %s, left by saves cut short (a second '
+        'Ctrl-C, a killed process): %s.', directory,
         ', '.join(f'{name} ({format_bytes(disk_usage(os.path.join(directory, name)))})'
                   for name in unfinished))
 
@@ -172,6 +172,7 @@ def disk_usage(path: str) -> int:
 
 
 def format_bytes(n: int) -> str:
+  """1,234 bytes, 12.3 kB, 4.5 MB, 6.7 GB."""
   for unit in ('bytes', 'kB', 'MB', 'GB'):
     if n < 1000 or unit == 'GB':
       return f'{n:,} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
