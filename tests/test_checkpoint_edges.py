@@ -46,7 +46,7 @@ def test_no_read_only_warning_on_a_writable_workdir(tmp_path, caplog):
 
 def test_evaluate_without_checkpoints_says_only_that(tmp_path):
   workdir = str(tmp_path / 'run')
-  checkpoints.write_config(workdir, bn_x30.get_config('digits'))
+  checkpoints.write_config(workdir, bn_x30.get_config('digits'), 0)
   result = run_command('bn_inception.evaluate', f'--workdir={workdir}', timeout=120)
   assert_one_message(result, 'holds no checkpoint')
   assert 'read only' not in result.stderr, result.stderr
