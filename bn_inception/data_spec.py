@@ -18,6 +18,11 @@ class DatasetInfo(NamedTuple):
   num_eval_examples: int
 
 
+# How TFDS data sets are read (config.dataset.loader): tfds_pipeline (tf.data over tfrecord) or
+# grain_pipeline (Grain over array_record, no TensorFlow).
+LOADERS = ('tf_data', 'grain')
+
+
 class Shuffle(NamedTuple):
   """How thoroughly training shuffles TFDS data (config.dataset.shuffle; tfds_pipeline)."""
   files: int  # read together, interleaved example by example
@@ -32,6 +37,36 @@ class Shuffle(NamedTuple):
 # examples from different files in a new combination every epoch. On ImageNet (1024 files of ~1250
 # examples, ~110 kB each) that buffer holds ~1.8 GB, twice while the next chunk fills.
 SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
+
+
+# Training crops (both TFDS loaders) (Inception / GoogLeNet): 8%-100% of the area, aspect ratio 3/4-4/3.
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Photometric distortions at strength 1.0 (Andrew Howard's, as in TF-slim's Inception preprocessing).
+MAX_BRIGHTNESS_DELTA = 32 / 255
+MAX_SATURATION_FACTOR = 0.5  # factor in 1 +- this
+MAX_HUE_DELTA = 0.2
+MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
+
+
+def center_window(height: int, width: int) -> tuple[int, int, int, int]:
+  """The evaluation centre crop (crops='center') in whole pixels: (top, left, height, width)."""
+  side = max(int(CENTER_FRACTION * min(height, width)), 1)
+  return (height - side) // 2, (width - side) // 2, side, side
+
+
+def random_window(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+  """A random crop (top, left, height, width) of 8-100% of the area and aspect ratio 3/4-4/3, or
+  the centre crop when ten tries find none (very wide or tall images), as TensorFlow's
+  sample_distorted_bounding_box draws them (area and aspect ratio uniform)."""
+  for _ in range(10):
+    area = rng.uniform(*AREA_RANGE) * height * width
+    aspect = rng.uniform(*ASPECT_RATIO_RANGE)
+    crop_height, crop_width = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
+    if 0 < crop_height <= height and 0 < crop_width <= width:
+      return (int(rng.integers(height - crop_height + 1)), int(rng.integers(width - crop_width + 1)),
+              crop_height, crop_width)
+  return center_window(height, width)
 
 
 # ---------------------------------------------------------------------------------------------------
