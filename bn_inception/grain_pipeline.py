@@ -91,8 +91,13 @@ def _check_decodable(config, builder):
       split.decoded(index, lambda data: decode_window(data, lambda h, w: (0, 0, h, w)))
       return True
     ds = grain.MapDataset.range(len(split.source)).map(check)
-    for _ in ds.to_iter_dataset(grain.ReadOptions(num_threads=NUM_THREADS)):
+    for _ in ds.to_iter_dataset(_read_options(1)):
       pass
+
+
+def _read_options(local_batch_size: int) -> grain.ReadOptions:
+  return grain.ReadOptions(num_threads=NUM_THREADS,
+                           prefetch_buffer_size=max(2 * local_batch_size, NUM_THREADS))
 
 
 def get_info(config) -> data_spec.DatasetInfo:
@@ -312,8 +317,7 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
   start = start_step * local_batch_size
   positions = grain.MapDataset.range(start, start + 2**62)  # endless, in practice
   ds = positions.map(preprocess).batch(local_batch_size, drop_remainder=True)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=NUM_THREADS,
-                                                   prefetch_buffer_size=max(2 * local_batch_size, NUM_THREADS))))
+  return iter(ds.to_iter_dataset(_read_options(local_batch_size)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,6 +342,5 @@ def eval_batches(config, *, local_batch_size, crops, process_index, process_coun
             'id': split.example_id(example, index)}
 
   ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch_size)
-  for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=NUM_THREADS,
-                                                    prefetch_buffer_size=max(2 * local_batch_size, NUM_THREADS))):
+  for batch in ds.to_iter_dataset(_read_options(local_batch_size)):
     yield {**batch, 'id': np.asarray(batch['id'], dtype=str)}
