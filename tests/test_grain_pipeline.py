@@ -21,16 +21,36 @@ from imagenet_fixture import write_archives
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _config(root, **overrides):
+  config = default.get_config().dataset
+  config.update({'data_dir': os.fspath(root / 'data'), 'manual_dir': os.fspath(root / 'manual'),
+                 'image_size': 32, 'loader': 'grain', **overrides})
+  return config
+
+
 @pytest.fixture(scope='module')
 def grain_imagenet(tmp_path_factory):
-  """The fixture's archives prepared as array_record by the first run with loader='grain'."""
+  """The fixture's archives prepared as array_record by TFDS's builder, in several files."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('grain_imagenet')
   manifest = write_archives(root / 'manual')
-  config = default.get_config().dataset
-  config.update(data_dir=os.fspath(root / 'data'), manual_dir=os.fspath(root / 'manual'),
-                image_size=32, loader='grain')
+  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data'),
+               file_format='array_record').download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
+                                                   num_shards=3))
+  return types.SimpleNamespace(config=_config(root), manifest=manifest, root=root)
+
+
+def test_first_run_prepares_array_record(grain_imagenet, tmp_path):
+  os.symlink(grain_imagenet.root / 'manual', tmp_path / 'manual')
+  config = _config(tmp_path)
   assert input_pipeline.get_info(config) == (1000, 30, 12)  # prepares (TensorFlow, once)
-  return types.SimpleNamespace(config=config, manifest=manifest)
+  assert list((tmp_path / 'data').glob('imagenet2012/*/imagenet2012-train.array_record-*'))
+  config.manual_dir = None
+  assert input_pipeline.get_info(config) == (1000, 30, 12)  # only reads
+  missing = _config(tmp_path / 'elsewhere', manual_dir=None)
+  with pytest.raises(errors.NotFoundError, match='manual_dir is not set'):
+    input_pipeline.get_info(missing)
 
 
 def _train(config, steps, batch=5, **kwargs):
