@@ -56,14 +56,23 @@ def center_window(height: int, width: int) -> tuple[int, int, int, int]:
 
 
 def random_window(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
-  """A random crop (top, left, height, width) of 8-100% of the area and aspect ratio 3/4-4/3, or
-  the centre crop when ten tries find none (very wide or tall images), as TensorFlow's
-  sample_distorted_bounding_box draws them (area and aspect ratio uniform)."""
+  """A random crop (top, left, height, width) of 8-100% of the area and aspect ratio (width /
+  height) 3/4-4/3, or the centre crop when ten tries find none (very wide or tall images). Drawn
+  as TensorFlow's sample_distorted_bounding_box draws them: the aspect ratio uniform, then the
+  height uniform among the whole numbers that keep the area in range."""
+  min_area, max_area = AREA_RANGE[0] * height * width, AREA_RANGE[1] * height * width
   for _ in range(10):
-    area = rng.uniform(*AREA_RANGE) * height * width
     aspect = rng.uniform(*ASPECT_RATIO_RANGE)
-    crop_height, crop_width = round(np.sqrt(area / aspect)), round(np.sqrt(area * aspect))
-    if 0 < crop_height <= height and 0 < crop_width <= width:
+    crop_height = round(np.sqrt(min_area / aspect))
+    max_height = min(round(np.sqrt(max_area / aspect)), int((width + 0.5) / aspect), height)
+    crop_height = min(crop_height, max_height)
+    crop_height += int(rng.integers(max_height - crop_height + 1))
+    crop_width = round(crop_height * aspect)
+    if crop_width * crop_height < min_area:
+      crop_height += 1
+      crop_width = round(crop_height * aspect)
+    if (min_area <= crop_width * crop_height <= max_area and 0 < crop_width <= width
+        and 0 < crop_height <= height):
       return (int(rng.integers(height - crop_height + 1)), int(rng.integers(width - crop_width + 1)),
               crop_height, crop_width)
   return center_window(height, width)
