@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	# The converter's parity tests: torch (CPU) and the port's module, without its torchvision.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet --no-deps pretrainedmodels==0.7.4
+	# ReaL's published real.json for the evaluation-set tests, byte-identical inside timm's wheel.
+	$(BIN)/python -m pip install --quiet --no-deps timm==1.0.31
 	touch $(STAMP)
 
 install: $(STAMP)

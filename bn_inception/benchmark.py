@@ -249,6 +249,7 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   # --- Model, state and steps as train.train_and_evaluate builds them ------------------------
   mesh = train.make_mesh()
   train.check_batch(config.batch_size, config.model.bn_group_size, mesh)
+  train.check_memory(config, config.batch_size, mesh, training=mode == 'train')
   program = train.setup(config, input_pipeline.SYNTHETIC_INFO.num_train_examples, mesh)
   if mode == 'train':
     jitted, carry = program.train_step, program.state

@@ -21,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bn_inception import errors
+from bn_inception import run_dir
+from bn_inception.run_dir import read_config
 
 ITEM = 'state'
 UNREADABLE = '.unreadable.'  # a set-aside checkpoint: STEP.unreadable.TIME
@@ -109,8 +111,8 @@ def resume(workdir: str, config: ml_collections.ConfigDict, target: Any, *,
   Unreadable checkpoints newer than the one used are set aside, so that training can write those
   steps again. Nothing else changes on disk.
   """
-  if os.path.exists(os.path.join(workdir, 'config.json')):
-    changed = diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
+  if os.path.exists(os.path.join(workdir, run_dir.CONFIG)):
+    changed = run_dir.diff(read_config(workdir).to_dict(), json.loads(config.to_json_best_effort()))
     if 'num_train_steps' in changed:  # how a run is extended: expected, not a warning
       logging.info('Resuming %s with num_train_steps %s -> %s.', workdir,
                    *changed.pop('num_train_steps'))
@@ -157,25 +159,21 @@ class _LoopWaitingForItsTasks(asyncio.SelectorEventLoop):
     super().close()
 
 
-class _LoopsWaitingForTheirTasks(asyncio.DefaultEventLoopPolicy):
-
-  def new_event_loop(self):
-    return _LoopWaitingForItsTasks()
-
-
 @contextlib.contextmanager
 def _reads_finish_before_loops_close():
   """Orbax reads a checkpoint's arrays concurrently (tensorstore) in a fresh event loop, which it
   closes as soon as one read fails; each read still in flight then completes by scheduling its
   callback on the closed loop, and tensorstore reports every "Event loop is closed" RuntimeError
   through sys.unraisablehook: tens of thousands of lines for one damaged checkpoint. Loops made
-  meanwhile let their reads finish before closing, as asyncio.run() would."""
-  previous = asyncio.get_event_loop_policy()
-  asyncio.set_event_loop_policy(_LoopsWaitingForTheirTasks())
+  meanwhile let their reads finish before closing, as asyncio.run() would. Orbax makes its loops
+  with asyncio.new_event_loop(), which is replaced meanwhile: event-loop policies, the other way to
+  choose the loop it returns, are deprecated from Python 3.14."""
+  previous = asyncio.new_event_loop
+  asyncio.new_event_loop = _LoopWaitingForItsTasks
   try:
     yield
   finally:
-    asyncio.set_event_loop_policy(previous)
+    asyncio.new_event_loop = previous
 
 
 def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
@@ -231,37 +229,8 @@ def check_fits(stored, target, step: int, directory) -> None:
         'ema_decay)? Use a new --workdir, or the config the run was started with.')
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json (atomically; `resume` compares the config with it first)."""
+def write_config(workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+  """config.json and its history (run_dir.write_config), from process 0: training goes on from
+  `step` under `config`."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      json.dump(json.loads(config.to_json_best_effort()), f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
-
-
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise errors.NotFoundError(f'{path} not found: is {workdir} a bn_inception workdir?')
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (ValueError, TypeError) as e:  # not JSON (JSONDecodeError, UnicodeDecodeError), or no dict
-    raise errors.InputFileError(
-        f'{path} cannot be read as a config ({errors.describe(e)}). Restore it, or replace it '
-        'with the config the run was started with: evaluation accepts --config=FILE instead, and '
-        'training writes it anew once the file is deleted.') from e
-
-
-def diff(old: dict, new: dict, prefix: str = '') -> dict[str, tuple[Any, Any]]:
-  """Fields whose values differ between two nested dicts, as {'a.b': (old, new)}."""
-  out = {}
-  for key in sorted(set(old) | set(new)):
-    a, b = old.get(key), new.get(key)
-    if isinstance(a, dict) and isinstance(b, dict):
-      out.update(diff(a, b, f'{prefix}{key}.'))
-    elif a != b:
-      out[prefix + key] = (a, b)
-  return out
+    run_dir.write_config(workdir, config, step)

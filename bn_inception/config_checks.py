@@ -84,7 +84,8 @@ EVALUATION: dict[str, Rule] = {
     'input.std': (lambda v: COLOUR_VALUES[0](v) and all(x > 0 for x in v),
                   'three numbers > 0, one per channel'),
     'dataset.name': TEXT,
-    'dataset.image_size': integer(1),
+    # 32 x 32 ends at 1 x 1 after the network's five stride-2 stages; smaller inputs are mostly padding.
+    'dataset.image_size': (integer(32)[0], 'an integer >= 32 (the network downsamples 32x)'),
     'dataset.eval_split': TEXT,
     'dataset.eval_crops': one_of(data_spec.CROPS),
     'dataset.loader': one_of(data_spec.LOADERS),
@@ -130,12 +131,27 @@ def check(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
       section = section.get(parent, {})
     if key not in section:
       continue
-    value = section[key]
+    try:
+      value = section[key]
+    except ZeroDivisionError:  # num_train_steps derived from a batch_size of 0, named already
+      continue
     if not allowed(value):
-      problems.append(f'{field} = {value!r}: must be {words}')
+      problems.append(f'{field} = {value!r}: must be {words}{_derived_from_batch(config, field)}')
   if problems:
     raise errors.ConfigError('Invalid config (set with --config.FIELD=VALUE):\n  '
                              + '\n  '.join(problems))
+
+
+def _derived_from_batch(config: ml_collections.ConfigDict, field: str) -> str:
+  """Why a num_train_steps the user did not set is wrong: it follows from paper_steps and
+  batch_size."""
+  if field != 'num_train_steps' or not _is_int(config.get('paper_steps')):
+    return ''
+  if config.num_train_steps != config.paper_steps * 32 // max(1, config.batch_size):
+    return ''
+  return (f' (paper_steps {config.paper_steps:,} of 32 images at batch_size '
+          f'{config.batch_size:,}: a batch_size above {config.paper_steps * 32:,} images is longer '
+          'than the whole run; lower batch_size or set num_train_steps)')
 
 
 def check_num_classes(config: ml_collections.ConfigDict,

@@ -194,7 +194,7 @@ def save(workdir: str, config: ml_collections.ConfigDict, variables) -> None:
     mngr.wait_until_finished()
   finally:
     mngr.close()
-  checkpoints.write_config(workdir, config)
+  checkpoints.write_config(workdir, config, 0)
 
 
 def convert(torch_checkpoint: str, workdir: str) -> ml_collections.ConfigDict:

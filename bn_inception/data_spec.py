@@ -1,7 +1,7 @@
 """What every data source shares: DatasetInfo, the shuffle modes, the evaluation crops, padded batches.
 
-Shared by `input_pipeline` (the interface and the numpy sources) and `tfds_pipeline` (TensorFlow),
-neither of which imports the other at import time. numpy only.
+Shared by `input_pipeline` (the interface and the numpy sources), `tfds_pipeline` (TensorFlow) and
+`grain_pipeline` (Grain, no TensorFlow). numpy only.
 """
 
 import functools
@@ -21,6 +21,8 @@ class DatasetInfo(NamedTuple):
 # How TFDS data sets are read (config.dataset.loader): tfds_pipeline (tf.data over tfrecord) or
 # grain_pipeline (Grain over array_record, no TensorFlow).
 LOADERS = ('tf_data', 'grain')
+# An evaluation set whose supervised label is a set of labels: (its single label, the label set).
+LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
 
 
 class Shuffle(NamedTuple):

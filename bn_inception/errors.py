@@ -15,8 +15,19 @@ class ConfigError(UserError, ValueError):
   """A config field or command-line flag whose value cannot work."""
 
 
+class ConfigArgumentError(UserError):
+  """An argument after a config file's colon (--config=FILE:ARGUMENT) that the file does not offer.
+  Not a ValueError: ml_collections would fold a ValueError into absl's flag-parsing report, with
+  the traceback."""
+
+
 class InputFileError(UserError, ValueError):
   """A file given (or found) that is not what it should be: damaged, or another kind of file."""
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+  """Training met a non-finite loss, gradient, parameter or statistic; the message names the step
+  and the last good checkpoint."""
 
 
 class NotFoundError(UserError, FileNotFoundError):

@@ -45,6 +45,7 @@ CONVERT_MESSAGE = """\
 def image_keys(info) -> tuple[str, str, str | None]:
   """(image key, label key, id key or None) of an image-classification data set's tfds info."""
   image, label = info.supervised_keys or (None, None)
+  label = data_spec.LABEL_SETS.get(info.name, (label,))[0]
   features = dict(info.features.items())
   if not (isinstance(features.get(image), tfds.features.Image) and
           isinstance(features.get(label), tfds.features.ClassLabel)):
@@ -105,7 +106,9 @@ def get_info(config) -> data_spec.DatasetInfo:
   _, label, _ = image_keys(builder.info)
   return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
-      num_train_examples=builder.info.splits[config.train_split].num_examples,
+      # Evaluation sets (ReaL, ImageNet-V2) have no training split.
+      num_train_examples=(builder.info.splits[config.train_split].num_examples
+                          if config.train_split in builder.info.splits else 0),
       num_eval_examples=builder.info.splits[config.eval_split].num_examples)
 
 
@@ -115,6 +118,7 @@ class _Split:
   def __init__(self, config, split: str, host_split):
     builder = _builder(config)
     self.name = config.name
+    self.info = builder.info
     self.keys = image_keys(builder.info)
     # Images stay encoded: decoded here, by our decoder, not by TFDS (which would need TensorFlow).
     self.source = builder.as_data_source(
@@ -333,13 +337,22 @@ def eval_batches(config, *, local_batch_size, crops, process_index, process_coun
   padded = np.full(num_batches * local_batch_size, -1)
   padded[:len(indices)] = indices
   shape = (data_spec.num_crops(crops), config.image_size, config.image_size, 3)
+  set_key = data_spec.LABEL_SETS.get(config.name, (None, None))[1]
+  num_classes = split.info.features[split.keys[1]].num_classes
 
   def preprocess(index):
     if index < 0:
-      return {'image': np.zeros(shape, np.float32), 'label': np.int32(0), 'mask': False, 'id': ''}
-    example, image = split.decoded(index, lambda data: eval_image(data, config.image_size, crops))
-    return {'image': image, 'label': np.int32(example[split.keys[1]]), 'mask': True,
-            'id': split.example_id(example, index)}
+      out = {'image': np.zeros(shape, np.float32), 'label': np.int32(0), 'mask': False, 'id': ''}
+    else:
+      example, image = split.decoded(index,
+                                     lambda data: eval_image(data, config.image_size, crops))
+      out = {'image': image, 'label': np.int32(example[split.keys[1]]), 'mask': True,
+             'id': split.example_id(example, index)}
+    if set_key:  # the label set as a row of booleans over the classes (an empty set: all False)
+      out['real_labels'] = np.zeros(num_classes, bool)
+      if index >= 0:
+        out['real_labels'][np.asarray(example[set_key], int)] = True
+    return out
 
   ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch_size)
   for batch in ds.to_iter_dataset(_read_options(local_batch_size)):

@@ -7,11 +7,14 @@ the same command on every host (README.md, "Several hosts"): Slurm, Open MPI and
 detected; elsewhere add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from bn_inception import cli
+from bn_inception import run_dir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. '
                                           'configs/bn_x30.py or configs/bn_x30.py:digits.',
@@ -28,7 +31,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run_dir.check_writable(_WORKDIR.value)  # at once, not after JAX's and the data's setup
   cli.start()
+  cli.check_processes_agree(config=_CONFIG.value.to_dict(),
+                            workdir=os.path.abspath(_WORKDIR.value))
   from bn_inception import train  # pylint: disable=g-import-not-at-top
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                            start_over_if_unreadable=_START_OVER.value)

@@ -1,6 +1,7 @@
 r"""Did my runs reproduce the paper? Figures 2 and 3 from any runs of this project.
 
   python -m bn_inception.report WORKDIR [WORKDIR ...] [--output=DIR] [--window=3] [--baseline=WORKDIR]
+      [--predictions=FILE.npz ...]
 
 Reads each run's metrics.jsonl (the evaluations training logs as it goes) and config.json, finished
 or still training, names its variant from its config, and writes into --output:
@@ -11,6 +12,10 @@ or still training, names its variant from its config, and writes into --output:
                enough to say
   figure2.png  test accuracy against paper steps, one curve per run (Figure 2), with the target
                and each run's first crossing
+
+and, for the predictions files of --predictions (bn_inception.evaluate's, ensemble's), a row per
+file and evaluation set: top-1/top-5 on the original labels beside the paper's for the same crops,
+ReaL's where the set has them, ImageNet-V2's on its own labels.
 
 The target is robust to evaluation noise: the baseline's best moving average over `window`
 consecutive evaluations; a run reaches it when its own moving average does, the same rule for every
@@ -32,14 +37,13 @@ from typing import Optional, Sequence
 
 from absl import app
 from absl import flags
-import flax
 import ml_collections
 import numpy as np
 
-from bn_inception import checkpoints
 from bn_inception import cli
 from bn_inception import errors
-from bn_inception import train
+from bn_inception import predictions
+from bn_inception import run_dir
 
 # (paper name, config module), in the order of the paper's Figure 3.
 VARIANTS = (
@@ -74,6 +78,9 @@ PAPER_FIGURE3 = {
 PAPER_SOURCE = ('the paper\'s Figure 3 (Ioffe & Szegedy 2015, arXiv:1502.03167v3; '
                 '`../shared/paper.md` section 4.1): single-crop top-1 on the 50,000 ImageNet '
                 'validation images')
+# The paper's Figure 4 (ImageNet validation, original labels): (top-1, top-5) by crops and models.
+PAPER_FIGURE4 = {('center', 1): (0.748, 0.9218), ('144', 1): (0.7801, 0.9418),
+                 ('144', 6): (0.799, 0.951)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -89,6 +96,7 @@ class Run:
   trained: int  # paper steps trained so far (the last logged step)
   planned: int  # paper steps the run is configured for
   eval_examples: Optional[int]  # examples per evaluation
+  config_changes: list[str] = dataclasses.field(default_factory=list)  # resumed under another
   label: str = ''  # how tables and legends name it (set by label_runs)
 
   @property
@@ -127,13 +135,13 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def paper_step(record: dict, batch_size: int) -> int:
-  return record.get('paper_step', record['step'] * batch_size // train.PAPER_BATCH)
+  return record.get('paper_step', record['step'] * batch_size // run_dir.PAPER_BATCH)
 
 
 def read_run(workdir: str) -> Run:
   """One workdir, finished or still training; refuses one without metrics or config."""
   records = read_metrics(workdir)
-  config = checkpoints.read_config(workdir)
+  config = run_dir.read_config(workdir)
   if not records:
     raise errors.InputFileError(f'{workdir}/metrics.jsonl is empty: training has not logged a step yet.')
   evals = [m for m in records if 'eval_top1' in m]
@@ -143,8 +151,23 @@ def read_run(workdir: str) -> Run:
       steps=np.array([paper_step(m, batch) for m in evals], dtype=np.int64),
       top1=np.array([m['eval_top1'] for m in evals], dtype=np.float64),
       trained=max(paper_step(m, batch) for m in records),
-      planned=config.num_train_steps * batch // train.PAPER_BATCH,
-      eval_examples=int(evals[-1]['eval_examples']) if evals else None)
+      planned=config.num_train_steps * batch // run_dir.PAPER_BATCH,
+      eval_examples=int(evals[-1]['eval_examples']) if evals else None,
+      config_changes=config_changes(workdir))
+
+
+def config_changes(workdir: str) -> list[str]:
+  """'from paper step P: learning_rate 0.045 -> 0.01' for each resume under a changed config
+  (a new num_train_steps alone is how a run is extended, not a change of recipe)."""
+  history = run_dir.read_config_history(workdir)
+  out = []
+  for (_, old), (step, new) in zip(history, history[1:]):
+    changed = {k: v for k, v in run_dir.diff(old, new).items() if k != 'num_train_steps'}
+    if changed:
+      out.append(f'from step {step:,} (paper step '
+                 f'{fmt_steps(step * old["batch_size"] // run_dir.PAPER_BATCH)}): '
+                 + ', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items()))
+  return out
 
 
 def variant_configs(scale: str) -> dict[str, ml_collections.ConfigDict]:
@@ -158,7 +181,14 @@ def variant_configs(scale: str) -> dict[str, ml_collections.ConfigDict]:
 
 
 def flat(config: ml_collections.ConfigDict) -> dict:
-  return flax.traverse_util.flatten_dict(config.to_dict(), sep='.')
+  """{'model.width': 1.0, ...}: the config's fields by their dotted names."""
+  def fields(node: dict, prefix: str):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from fields(value, f'{prefix}{key}.')
+      else:
+        yield prefix + key, value
+  return dict(fields(config.to_dict(), ''))
 
 
 def same(a, b) -> bool:
@@ -302,6 +332,10 @@ def notes(runs, baseline, ready, window, is_plateau) -> list[str]:
     out.append(f'The runs were evaluated at different intervals ({", ".join(map(fmt_steps, sorted(intervals)))} '
                f'paper steps): a moving average over {window} evaluations spans a different '
                'number of steps in each.')
+  for r in runs:
+    if r.config_changes:
+      out.append(f'{r.label or r.workdir} was resumed under a changed config (the table names its '
+                 f'variant by the newest): {"; ".join(r.config_changes)}.')
   silent = [r.label or r.workdir for r in runs if len(r.top1) < window]
   if silent:
     out.append(f'Fewer than {window} evaluations yet, so no moving average: {", ".join(silent)}.')
@@ -443,6 +477,27 @@ def runs_table(report: Report) -> list[str]:
   return lines
 
 
+def evaluations_table(paths: Sequence[str]) -> list[str]:
+  """A row per predictions file: its evaluation set, step, crops and scores; the paper's Figure 4
+  only beside ImageNet's original validation labels (ReaL and ImageNet-V2 came after it)."""
+  lines = ['| File | Evaluation set | Step | Crops | Models | Top-1 | Top-5 | ReaL top-1 '
+           '| ReaL top-5 | Paper: top-1 | Paper: top-5 |', '|---|---|---|---|---|---|---|---|---|---|---|']
+  for path in paths:
+    p = predictions.load(path)
+    acc = predictions.accuracy(p)
+    models = len(p.meta.get('members', [])) or 1
+    eval_set = p.eval_set or p.meta.get('dataset', '?')
+    paper = (PAPER_FIGURE4.get((str(p.meta.get('crops')), models))
+             if eval_set == 'imagenet2012' else None)
+    real = ((pct(acc['real_top1']), pct(acc['real_top5']) + f' ({acc["real_left_out"]} left out)')
+            if 'real_top1' in acc else ('–', '–'))
+    lines.append('| ' + ' | '.join((
+        f'`{path}`', eval_set, str(p.meta.get('step', '–')), str(p.meta.get('crops', '–')),
+        str(models), pct(acc['top1']), pct(acc['top5']), *real,
+        *((pct(paper[0]), pct(paper[1])) if paper else ('–', '–')))) + ' |')
+  return lines
+
+
 # ------------------------------------------------------------------------------------------------
 # Figure 2
 # ------------------------------------------------------------------------------------------------
@@ -525,10 +580,12 @@ def read_runs(workdirs: Sequence[str]) -> list[Run]:
 
 
 def write_report(workdirs: Sequence[str], output: str, window: int = WINDOW,
-                 baseline: Optional[Sequence[str]] = None) -> Report:
+                 baseline: Optional[Sequence[str]] = None,
+                 predictions_files: Sequence[str] = ()) -> Report:
   """Writes output/report.md and output/figure2.png for the runs in `workdirs`; returns the report.
 
-  `baseline`: the workdirs whose runs set the target (default: the Inception runs among them).
+  `baseline`: the workdirs whose runs set the target (default: the Inception runs among them);
+  `predictions_files`: evaluations to list (evaluations_table).
   """
   if window < 1:
     raise errors.ConfigError(f'window must be at least 1, not {window}.')
@@ -541,12 +598,14 @@ def write_report(workdirs: Sequence[str], output: str, window: int = WINDOW,
       raise errors.ConfigError(f'--baseline names workdirs that are not among those reported: {unknown}.')
     chosen = [r for r in runs if os.path.normpath(r.workdir) in map(os.path.normpath, baseline)]
   report = figure3(runs, window, chosen)
+  evaluations = (['## Evaluations', '', *evaluations_table(predictions_files), '']
+                 if predictions_files else [])
   os.makedirs(output, exist_ok=True)
   plot_figure2(report, os.path.join(output, 'figure2.png'))
   text = '\n'.join([
       '# Figures 2 and 3 of the paper from these runs', '',
       '`python -m bn_inception.report ' + ' '.join(workdirs) + '`', '',
-      markdown(report), '## The runs', '', *runs_table(report), ''])
+      markdown(report), *evaluations, '## The runs', '', *runs_table(report), ''])
   with open(os.path.join(output, 'report.md'), 'w') as f:
     f.write(text)
   return report
@@ -556,7 +615,8 @@ def main(argv):
   workdirs = argv[1:]
   if not workdirs:
     raise app.UsageError('Name the runs\' workdirs: python -m bn_inception.report WORKDIR ...')
-  report = write_report(workdirs, FLAGS.output, FLAGS.window, FLAGS.baseline)
+  report = write_report(workdirs, FLAGS.output, FLAGS.window, FLAGS.baseline,
+                        FLAGS.predictions or ())
   print('\n'.join(figure3_table(report)))
   for n in report.notes:
     print(f'Note: {n}')
@@ -571,4 +631,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('window', WINDOW, 'Evaluations per moving average (target and crossings).')
   flags.DEFINE_multi_string('baseline', None, 'Workdir(s) whose best accuracy is the target '
                             '(default: the Inception runs among the workdirs).')
+  flags.DEFINE_multi_string('predictions', None, 'Predictions files (evaluate --output, ensemble '
+                            '--output) to list, a row each with its evaluation set.')
   cli.run(main)

@@ -13,6 +13,7 @@ change a single pixel.
 """
 
 import os
+import tarfile
 
 from absl import logging
 import numpy as np
@@ -43,6 +44,28 @@ and pass
 The first run prepares the data set once (hours; about 150 GB in data_dir); later runs only read
 data_dir and need no manual_dir."""
 
+# The evaluation sets' files besides ImageNet's validation archive. TFDS's builders would download
+# them; one placed in manual_dir under its published name is used instead (TFDS's DownloadManager
+# looks there by the file name registered with its checksum, and still verifies the checksum).
+REAL_JSON = ('real.json', 'https://raw.githubusercontent.com/google-research/reassessed-imagenet/'
+             'master/real.json', '380 KiB')
+_V2_URL = 'https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/'
+EVAL_SET_FILES = {
+    'imagenet2012_real': (('ILSVRC2012_img_val.tar', 'https://image-net.org/download-images '
+                           '(an account is needed)', '6.3 GiB'), REAL_JSON),
+    **{f'imagenet_v2/{variant}': ((name, _V2_URL + name, '1.2 GiB'),) for variant, name in (
+        ('matched-frequency', 'imagenetv2-matched-frequency.tar.gz'),
+        ('threshold-0.7', 'imagenetv2-threshold0.7.tar.gz'),
+        ('topimages', 'imagenetv2-top-images.tar.gz'))},
+}
+EVAL_SET_MISSING = """\
+The evaluation set {name} is not prepared in {data_dir}, and {problem}.
+Put these files, under these names, in one directory DIR (it may be the one holding the ImageNet
+archives):
+{files}
+and pass
+  --config.dataset.manual_dir=DIR --config.dataset.data_dir=WHERE_THE_PREPARED_DATA_GOES
+The first evaluation prepares the set once; later ones only read data_dir and need no manual_dir."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,18 +78,13 @@ def prepared_builder(config, file_format: str = 'tfrecord') -> tfds.core.Dataset
                          file_format=file_format)  # or DatasetNotFoundError
   if builder.is_prepared():
     return builder
-  if config.name == 'imagenet2012':
-    manual_dir = config.manual_dir
-    missing = [name for name in IMAGENET_ARCHIVES
-               if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
-    if missing:
-      problem = (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
-                 'config.dataset.manual_dir is not set')
-      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
-                                                         problem=problem))
+  _check_manual_files(config, builder)
   logging.info('Preparing %s in %s, once.', config.name, builder.data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
+  except tfds.core.download.download_manager.NonMatchingChecksumError as e:
+    raise errors.InputFileError(_wrong_file_message(config, e)) from e
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     return builder  # checked by its reader (grain_pipeline)
   # TFDS stores the images as they come, decodable or not: decode each once now (little, against
@@ -76,6 +94,65 @@ def prepared_builder(config, file_format: str = 'tfrecord') -> tfds.core.Dataset
   if any(bad.values()):
     raise errors.InputFileError(_undecodable_message(builder, bad))
   return builder
+
+
+def _check_manual_files(config, builder) -> None:
+  """Refuses, with what to download and where to put it, to prepare ImageNet or an evaluation set
+  whose files are not in manual_dir (rather than let TFDS try the network)."""
+  if config.name == 'imagenet2012':
+    if problem := _lacking(config.manual_dir, IMAGENET_ARCHIVES):
+      raise errors.NotFoundError(IMAGENET_MISSING.format(data_dir=builder.data_dir,
+                                                         problem=problem))
+    _check_imagenet_archives(config.manual_dir)
+  files = EVAL_SET_FILES.get(config.name, ())
+  if problem := _lacking(config.manual_dir, [name for name, _, _ in files]):
+    raise errors.NotFoundError(EVAL_SET_MISSING.format(
+        name=config.name, data_dir=builder.data_dir, problem=problem, files='\n'.join(
+            f'  {name} ({size}) from {source}' for name, source, size in files)))
+
+
+def _lacking(manual_dir, names) -> str:
+  """What keeps manual_dir from holding all of `names` ('' when it does)."""
+  missing = [name for name in names
+             if not manual_dir or not os.path.exists(os.path.join(manual_dir, name))]
+  if not missing:
+    return ''
+  return (f'manual_dir={manual_dir} lacks {" and ".join(missing)}' if manual_dir else
+          'config.dataset.manual_dir is not set')
+
+
+def _wrong_file_message(config, error) -> str:
+  """A file in manual_dir whose checksum is not the one TFDS registered for it."""
+  names = [name for name, _, _ in EVAL_SET_FILES.get(config.name, ()) if name in str(error)]
+  path = os.path.join(config.manual_dir or '', names[0]) if names else 'a downloaded file'
+  return (f'{path} is not the file {config.name} is prepared from: its size or checksum differs '
+          f'from the published one (TFDS: {str(error).splitlines()[0]}). Download it again.')
+
+
+def _check_imagenet_archives(manual_dir: str) -> None:
+  """Refuses an archive that is not a tar of what ImageNet ships (the training archive holds one
+  tar per synset, the validation archive JPEGs): an HTML login page saved under the archive's
+  name, or an empty file, which TFDS's builder only reports in a long traceback naming neither.
+  Reads the first member only, not the 138 GiB."""
+  first_member_suffix = dict(zip(IMAGENET_ARCHIVES, ('.tar', '.JPEG')))
+  for name, suffix in first_member_suffix.items():
+    path = os.path.join(manual_dir, name)
+    try:
+      with tarfile.open(path, 'r:') as archive:
+        first = archive.next()
+    except tarfile.TarError:
+      problem = 'not a tar file'
+    else:
+      if first is not None and first.isfile() and first.name.endswith(suffix):
+        continue
+      problem = f'its first member is {first.name}' if first else 'an empty tar'
+    with open(path, 'rb') as f:
+      start = f.read(32)
+    raise errors.InputFileError(
+        f'{path} is not a tar of {"synset tars of JPEGs" if suffix == ".tar" else "JPEGs"} as '
+        f'ImageNet ships it ({problem}; {os.path.getsize(path)} bytes, starting {start!r}): a '
+        'failed download (a login page saved under the archive\'s name)? Download it again from '
+        'https://image-net.org/download-images.')
 
 
 def _undecodable_images(builder, split: str) -> list[str]:
@@ -144,7 +221,9 @@ def get_info(config) -> data_spec.DatasetInfo:
   _, label, _ = _keys(builder)
   return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
-      num_train_examples=builder.info.splits[config.train_split].num_examples,
+      # Evaluation sets (ReaL, ImageNet-V2) have no training split.
+      num_train_examples=(builder.info.splits[config.train_split].num_examples
+                          if config.train_split in builder.info.splits else 0),
       num_eval_examples=builder.info.splits[config.eval_split].num_examples)
 
 
@@ -404,19 +483,27 @@ def _eval_dataset(config, local_batch_size, crops, process_index, process_count)
   host_split = tfds.even_splits(config.eval_split, n=process_count)[process_index]
   instructions = builder.info.splits[host_split].file_instructions
   host_examples = sum(i.take for i in instructions)
-  parse = _parser(builder, (image_key, label_key, id_key))
+  set_key = data_spec.LABEL_SETS.get(builder.info.name, (None, None))[1]
+  parse = _parser(builder, (image_key, label_key, id_key, set_key))
+  num_classes = builder.info.features[label_key].num_classes
 
   def preprocess(record, fallback_id):
     example = parse(record)
-    return {'image': eval_image(example[image_key], config.image_size, crops),
-            'label': tf.cast(example[label_key], tf.int32),
-            'mask': True,
-            'id': example[id_key] if id_key else fallback_id}
+    out = {'image': eval_image(example[image_key], config.image_size, crops),
+           'label': tf.cast(example[label_key], tf.int32),
+           'mask': True,
+           'id': example[id_key] if id_key else fallback_id}
+    if set_key:  # the label set as a row of booleans over the classes (an empty set: all False)
+      out['real_labels'] = tf.reduce_any(
+          tf.one_hot(example[set_key], num_classes, on_value=True, off_value=False), axis=0)
+    return out
 
   ds = _records_with_ids(instructions).map(preprocess, num_parallel_calls=AUTOTUNE,
                                            deterministic=True)
   num_batches = data_spec.num_eval_batches(num_examples, local_batch_size, process_count)
   padding = {'image': tf.zeros(ds.element_spec['image'].shape), 'label': 0, 'mask': False, 'id': ''}
+  if set_key:
+    padding['real_labels'] = tf.zeros([num_classes], tf.bool)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(
       num_batches * local_batch_size - host_examples))
   return ds.batch(local_batch_size, drop_remainder=True).prefetch(1)

@@ -37,8 +37,8 @@ from bn_inception import errors
 from bn_inception import input_pipeline
 from bn_inception import metrics
 from bn_inception import models
-
-PAPER_BATCH = 32  # the paper's mini-batch: learning rates and "paper steps" are per 32 images
+from bn_inception import run_dir
+from bn_inception.run_dir import PAPER_BATCH
 
 
 @flax.struct.dataclass
@@ -237,6 +237,49 @@ def check_batch(batch_size: int, group_size: Optional[int], mesh: jax.sharding.M
           devices, per_device, group_size, devices * group_size)
 
 
+# Every module output of the full-width network holds about 84 values per input value (counted with
+# jax.eval_shape(capture_intermediates=True) at 64 x 64 and 224 x 224; proportional to model.width).
+_ACTIVATIONS_PER_INPUT_VALUE = 84
+_GIB = 2 ** 30
+
+
+def _memory_bytes(device) -> Optional[int]:
+  """What one device may hold (its allocator's limit), or the host's memory for a CPU device."""
+  stats = device.memory_stats() if device.platform != 'cpu' else None
+  if stats and stats.get('bytes_limit'):
+    return stats['bytes_limit']
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (ValueError, OSError):
+    return None
+
+
+def check_memory(config: ml_collections.ConfigDict, examples: int, mesh: jax.sharding.Mesh,
+                 *, training: bool, field: str = 'batch_size') -> None:
+  """Refuses, before anything is allocated, a step of `examples` images (crops, for evaluation)
+  that cannot fit by a rough estimate: the host's batch as float32 (twice: one prefetched), and on
+  each device the network's activations for its share (kept for the backward pass and matched by
+  their gradients when training)."""
+  size, width = config.dataset.image_size, config.model.width
+  values_per_image = size * size * 3
+  activation_bytes = (jnp.dtype(config.model.dtype).itemsize * values_per_image
+                      * max(1.0, _ACTIVATIONS_PER_INPUT_VALUE * width) * (2 if training else 1))
+  device = mesh.devices.flat[0]
+  needs = (
+      (2 * 4 * values_per_image * examples // jax.process_count(),
+       _memory_bytes(jax.local_devices(backend='cpu')[0]), 'this host'),
+      (-(-examples // mesh.devices.size) * activation_bytes, _memory_bytes(device),
+       f'each {device.device_kind} device'))
+  for need, have, where in needs:
+    if have is not None and need > have:
+      fits = max(1, int(examples * have / need / 2))
+      raise errors.ConfigError(
+          f'{field} {examples:,} cannot fit: {"a training" if training else "an evaluation"} step '
+          f'needs about {need / _GIB:,.1f} GiB on {where}, which has {have / _GIB:,.1f} GiB '
+          f'(an estimate, from the image size {size}, model.width {width:g} and '
+          f'model.dtype {config.model.dtype}). Use a smaller {field}, e.g. {fits:,} or fewer.')
+
+
 _barriers = itertools.count()
 
 
@@ -296,7 +339,7 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
                                            only=('params', 'batch_stats'))
   if restored is None:
     raise errors.NotFoundError(f'config.init_from={init_from!r} holds no checkpoint.')
-  loaded, fresh = [], []
+  loaded, fresh, mismatched = [], [], []
 
   def merge(collection):
     source = flax.traverse_util.flatten_dict(restored.get(collection) or {}, sep='/')
@@ -309,16 +352,27 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
       else:
         out[path] = value
         fresh.append(path)
+        if path in source:
+          mismatched.append(f'{path} {tuple(np.shape(source[path]))} -> {tuple(value.shape)}')
     return flax.traverse_util.unflatten_dict(out, sep='/')
 
   state = state.replace(params=merge('params'), batch_stats=merge('batch_stats'))
   if state.ema_params is not None:
     state = state.replace(ema_params=state.params, ema_batch_stats=state.batch_stats)
-  logging.info('Initialised %d arrays from %s; %d stay fresh: %s', len(loaded), init_from,
-               len(fresh), fresh[:10])
-  if not loaded:
-    raise errors.InputFileError(
-        f'Nothing in {init_from} matches this model: is it a bn_inception checkpoint?')
+  total = len(loaded) + len(fresh)
+  what = (f'{len(loaded)} of {total} arrays of this model match {init_from} by name and shape; '
+          f'{len(fresh)} do not ({len(mismatched)} of them by shape), e.g. '
+          f'{", ".join(mismatched[:3] or fresh[:3])}')
+  # Fine-tuning for another number of classes leaves only the classifier fresh; a model of another
+  # width would keep almost nothing and in effect train from scratch.
+  if len(loaded) < total / 2:
+    raise errors.InputFileError(f'config.init_from: {what}. Use a checkpoint of the same network '
+                                '(the same model.* fields, e.g. width and channels; num_classes '
+                                'may differ).')
+  if fresh:
+    logging.warning('Partial initialisation: %s. Those stay freshly initialised.', what)
+  else:
+    logging.info('Initialised all %d arrays from %s.', total, init_from)
   return state
 
 
@@ -492,24 +546,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_checks.check(config)
   mesh = make_mesh(devices)
   check_batch(config.batch_size, config.model.bn_group_size, mesh)
+  check_memory(config, config.batch_size, mesh, training=True)
+  check_memory(config, eval_batch_size(config, config.dataset.eval_crops, mesh)
+               * data_spec.num_crops(config.dataset.eval_crops), mesh, training=False,
+               field='eval_batch_size')
   info = input_pipeline.get_info(config.dataset)
   config_checks.check_num_classes(config, info)
+  if config.batch_size > info.num_train_examples:
+    raise errors.ConfigError(
+        f'batch_size {config.batch_size:,} is larger than the training split '
+        f'({info.num_train_examples:,} examples of {config.dataset.name}): use at most '
+        f'{info.num_train_examples:,}.')
   model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
-  # Every check comes before the first write: a refused run changes no file in the workdir.
-  step, restored = checkpoints.resume(workdir, config, state,
-                                      start_over_if_unreadable=start_over_if_unreadable)
-  if restored is not None:
-    state = restored
-    logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
-  elif config.init_from:
-    state = load_pretrained(state, config.init_from)
+  # Every check comes before the first write: a refused run changes no file in the workdir. One
+  # training at a time in a workdir: process 0 holds its lock until the end.
+  lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    step, restored = checkpoints.resume(workdir, config, state,
+                                        start_over_if_unreadable=start_over_if_unreadable)
+    if restored is not None:
+      state = restored
+      logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
+    elif config.init_from:
+      state = load_pretrained(state, config.init_from)
+  except BaseException:
+    if lock:
+      lock.release()
+    raise
   step = int(state.step)
-  if step >= config.num_train_steps:
+  if step >= config.num_train_steps:  # config.json keeps describing the steps that ran
     logging.warning('The run is at step %d, num_train_steps is %d: nothing to train (a larger '
                     '--config.num_train_steps extends the run).', step, config.num_train_steps)
-  checkpoints.write_config(workdir, config)
+    if lock:
+      lock.release()
+    return state
+  checkpoints.write_config(workdir, config, step)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints,
                              keep_every=config.keep_checkpoint_every_steps)
 
@@ -526,7 +599,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if bad >= 0:
       mngr.wait_until_finished()
       last = mngr.latest_step()
-      raise FloatingPointError(
+      raise errors.TrainingDivergedError(
           'Training diverged: the loss, gradients, parameters or BN statistics were not finite '
           f'at step {bad} (paper step {bad * config.batch_size // PAPER_BATCH}). The last good '
           'checkpoint is '
@@ -594,6 +667,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
     writer.close()
     preemption.restore()
+    if lock:
+      lock.release()
   return state
 
 

@@ -20,6 +20,8 @@ learning_rate * batch_size / 32. Lengths are the paper's in "paper steps" of 32 
 
 import ml_collections
 
+from bn_inception import errors
+
 SCALES = ('imagenet', 'digits')
 IMAGENET_TRAIN_EXAMPLES = 1_281_167
 
@@ -27,7 +29,9 @@ IMAGENET_TRAIN_EXAMPLES = 1_281_167
 def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
   scale = scale or 'imagenet'
   if scale not in SCALES:
-    raise ValueError(f'Unknown scale {scale!r}; valid: {list(SCALES)} (e.g. configs/bn_x30.py:digits).')
+    raise errors.ConfigArgumentError(
+        f'unknown scale {scale!r}; the scales are {SCALES[0]} (the default) and '
+        f'{", ".join(SCALES[1:])}, e.g. configs/bn_x30.py:digits.')
   c = ml_collections.ConfigDict()
   c.scale = scale
 

@@ -25,6 +25,7 @@ no hidden fully-connected layer (global pooling feeds the classifier directly); 
 to auxiliary heads that the paper never describes (../shared/paper.md section 1.3).
 """
 
+from bn_inception import errors
 from configs import bn_x30
 
 # member: (dropout before the classifier, init_scale of the conv weights, seed) -- OUR assignment.
@@ -47,8 +48,9 @@ def get_config(arg=None):
     elif token.strip():
       scale = token.strip()
   if member not in MEMBERS:
-    raise ValueError(f'Unknown ensemble member {member}; valid: {sorted(MEMBERS)} '
-                     f'(e.g. configs/ensemble.py:3 or configs/ensemble.py:digits,3).')
+    raise errors.ConfigArgumentError(
+        f'unknown ensemble member {member}; the members are {", ".join(map(str, MEMBERS))}, e.g. '
+        'configs/ensemble.py:3 or configs/ensemble.py:digits,3.')
   c = bn_x30.get_config(scale)
   c.model.dropout_rate, c.model.init_scale, c.seed = MEMBERS[member]
   return c

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from bn_inception import errors
 from bn_inception import models
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / 'configs'
@@ -59,7 +60,7 @@ def test_config_loads_at_both_scales(name):
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_unknown_scale_raises(name):
-  with pytest.raises(ValueError, match='imagenet.*digits'):
+  with pytest.raises(errors.ConfigArgumentError, match='imagenet .the default. and digits'):
     load(name, 'cifar')
 
 

@@ -8,8 +8,10 @@ the real command-line entry points in subprocesses; those stop before compiling 
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,8 @@ from bn_inception import errors
 from bn_inception import evaluate
 from bn_inception import input_pipeline
 from bn_inception import predictions
+from bn_inception import report
+from bn_inception import run_dir
 from bn_inception import train
 from bn_inception.predictions import Predictions
 from configs import default
@@ -112,6 +116,46 @@ def test_a_refused_resume_changes_no_file(workdir):
   assert_one_message(result, 'does not fit this model')
   assert 'differs from the saved one in: model.width: 0.125 -> 0.5' in result.stderr
   assert snapshot(workdir) == before  # config.json still says 0.125: evaluate still works
+
+
+def test_a_resume_under_another_config_keeps_the_history_and_the_report_names_it(trained, workdir):
+  config = trained[0].copy_and_resolve_references()
+  first_rate = config.learning_rate
+  config.learning_rate = first_rate / 2
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, workdir)
+  history = run_dir.read_config_history(workdir)
+  assert [(s, c['learning_rate'], c['num_train_steps']) for s, c in history] == [
+      (0, first_rate, 4), (4, first_rate / 2, 6)]
+  assert run_dir.read_config(workdir).learning_rate == first_rate / 2
+  # Steps 1-4 ran at the first rate: the report says so (batch 16: step 4 is paper step 2).
+  assert report.read_run(workdir).config_changes == [
+      f'from step 4 (paper step 2): learning_rate {first_rate} -> {first_rate / 2}']
+  assert not (Path(workdir) / run_dir.LOCK).exists()  # released at the end
+
+
+def test_a_second_training_in_a_workdir_is_refused_naming_the_first(trained, workdir, caplog):
+  """While one training holds the workdir, another is refused before it writes anything; a lock
+  left by a process that was killed is taken over with a warning naming it."""
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from bn_inception import run_dir; '
+       'lock = run_dir.WorkdirLock(sys.argv[1]); print("held", flush=True); time.sleep(300)',
+       workdir], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    before = snapshot(workdir)
+    config = trained[0].copy_and_resolve_references()
+    config.num_train_steps = 6
+    with pytest.raises(errors.ConfigError, match=f'in use by another training \\(process '
+                       f'{holder.pid} on host {socket.gethostname()}, since '):
+      train.train_and_evaluate(config, workdir)
+    assert snapshot(workdir) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  lock = run_dir.WorkdirLock(workdir)
+  lock.release()
+  assert f'Taking over {workdir}/lock, left by process {holder.pid} on host' in caplog.text
 
 
 def test_unreadable_checkpoints_stop_the_run_every_time(trained, workdir):

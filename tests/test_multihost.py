@@ -224,7 +224,7 @@ def test_evaluation_on_two_processes_counts_every_image_once(tiny_imagenet, star
   workdir = str(tmp_path / 'run')
   mesh = train.make_mesh()
   state = train.setup(config, 1000, mesh).state
-  checkpoints.write_config(workdir, config)
+  checkpoints.write_config(workdir, config, 0)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, state)
   mngr.wait_until_finished()

@@ -22,10 +22,12 @@ import optax
 import pytest
 
 from bn_inception import checkpoints
+from bn_inception import errors
 from bn_inception import evaluate
 from bn_inception import input_pipeline
 from bn_inception import metrics
 from bn_inception import models
+from bn_inception import run_dir
 from bn_inception import train
 from configs import bn_x30
 
@@ -116,20 +118,24 @@ def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['model']['width'] == 0.125
   assert os.listdir(workdir / 'tensorboard')
 
-  # Rerun with a changed field: the change is reported, the finished run is not repeated.
+  # Rerun with a changed field: the change is reported, the finished run is not repeated, and
+  # config.json still says what its steps ran under.
+  config_json = (workdir / 'config.json').read_text()
   changed = config.copy_and_resolve_references()
   changed.weight_decay = 0.5
   again = train.train_and_evaluate(changed, str(workdir))
   assert 'differs from the saved one in: weight_decay: 8' in caplog.text
+  assert 'nothing to train' in caplog.text
   assert_trees_equal(state, again)
+  assert (workdir / 'config.json').read_text() == config_json
   # A new length is how a run is extended (or cut short): no warning about a changed config.
   caplog.clear()
-  shorter = changed.copy_and_resolve_references()  # the workdir's config.json is `changed` now
+  shorter = config.copy_and_resolve_references()
   shorter.num_train_steps = LEARN_STEPS - 1
-  shutil.copytree(workdir, tmp_path / 'run')
-  train.train_and_evaluate(shorter, str(tmp_path / 'run'))  # nothing to train: at step 80
-  train.train_and_evaluate(changed, str(tmp_path / 'run'))
+  train.train_and_evaluate(shorter, str(workdir))  # nothing to train: at step 80
   assert 'nothing to train' in caplog.text and 'differs from the saved one' not in caplog.text
+  assert (workdir / 'config.json').read_text() == config_json
+  assert run_dir.read_config_history(str(workdir)) == [(0, json.loads(config_json))]
   # Another model in the same workdir is refused, naming the mismatch.
   with pytest.raises(ValueError, match='does not fit this model.*another run'):
     train.train_and_evaluate(ema_config(**{'model.width': 0.25}), str(workdir))
@@ -247,7 +253,7 @@ def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(t
   checkpoint; every checkpoint written is finite."""
   config = ema_config(num_train_steps=8, checkpoint_every_steps=1, log_every_steps=1,
                             eval_every_steps=100)
-  with pytest.raises(FloatingPointError, match=r'not finite at step 3 \(paper step 1\)\. The '
+  with pytest.raises(errors.TrainingDivergedError, match=r'not finite at step 3 \(paper step 1\)\. The '
                      r'last good checkpoint is step 3 in'):
     train.train_and_evaluate(config, str(tmp_path))
   mngr = checkpoints.manager(str(tmp_path), read_only=True)
