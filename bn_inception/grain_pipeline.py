@@ -170,8 +170,9 @@ class _Split:
 def decode_window(data: bytes, window_fn, min_size: int = 0) -> np.ndarray:
   """uint8 [h, w, 3]: the window window_fn(height, width) -> (top, left, h, w) of an encoded image.
 
-  JPEGs are decoded by simplejpeg (libjpeg-turbo), scaled down in the DCT domain as far as keeps
-  the window at least `min_size` pixels on each side; other formats by Pillow.
+  JPEGs are decoded by simplejpeg (libjpeg-turbo), other formats by Pillow. A JPEG is scaled down
+  in the DCT domain as far as keeps the window at least `min_size` pixels on each side (0: not at
+  all, as the loader decodes; the decode benchmark measures what scaling would gain).
   """
   if data[:2] == b'\xff\xd8':
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)
@@ -190,46 +191,72 @@ def decode_window(data: bytes, window_fn, min_size: int = 0) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+  """float32 [size, size, 3] in [0, 255]: tf.image.resize's bilinear resampling (samples at the
+  output pixels' centres, no antialiasing; Pillow's resize would average the whole footprint and
+  give smoother images). Pillow's affine transform samples so, but truncates to whole numbers:
+  adding half a level makes its error zero on average."""
+  height, width = image.shape[:2]
+  resized = Image.fromarray(image).transform(
+      (size, size), Image.AFFINE, (width / size, 0, 0, 0, height / size, 0), Image.BILINEAR)
+  return np.minimum(np.asarray(resized, np.float32) + 0.5, 255)
 
 
-def _rgb_to_hsv(rgb):
+def _rgb_to_hcv(rgb):
+  """Hue in [0, 1), chroma (max - min) and value (max) of RGB pixels, any real values."""
   value = rgb.max(-1)
-  delta = value - rgb.min(-1)
-  saturation = np.where(value > 0, delta / np.where(value > 0, value, 1), 0)
-  safe = np.where(delta > 0, delta, 1)
+  chroma = value - rgb.min(-1)
+  safe = np.where(chroma > 0, chroma, 1)
   r, g, b = np.moveaxis(rgb, -1, 0)
   hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2 + (b - r) / safe,
                                                          4 + (r - g) / safe))
-  hue = np.where(delta > 0, hue / 6 % 1, 0)
-  return hue, saturation, value
+  return np.where(chroma > 0, hue / 6 % 1, 0), chroma, value
 
 
-def _hsv_to_rgb(hue, saturation, value):
+def _hcv_to_rgb(hue, chroma, value):
   sector = hue * 6
-  channels = [value - value * saturation * np.clip(np.minimum(k, 4 - k), 0, 1)
-              for k in ((5 + sector) % 6, (3 + sector) % 6, (1 + sector) % 6)]
-  return np.stack(channels, -1)
+  return np.stack([value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
+                   for k in ((5 + sector) % 6, (3 + sector) % 6, (1 + sector) % 6)], -1)
+
+
+# TensorFlow's colour adjustments (tf.image.adjust_*), on float RGB of any values.
+
+def adjust_brightness(image, delta):
+  return image + delta
+
+
+def adjust_saturation(image, factor):
+  """HSV's saturation scaled and clipped to [0, 1] (none where the value is not positive)."""
+  hue, chroma, value = _rgb_to_hcv(image)
+  positive = value > 0
+  saturation = np.where(positive, chroma / np.where(positive, value, 1), 0)
+  return _hcv_to_rgb(hue, value * np.clip(saturation * factor, 0, 1), value)
+
+
+def adjust_hue(image, delta):
+  """The hue turned by delta (a fraction of the circle), each pixel's largest and smallest
+  channel kept."""
+  hue, chroma, value = _rgb_to_hcv(image)
+  return _hcv_to_rgb((hue + delta) % 1, chroma, value)
+
+
+def adjust_contrast(image, factor):
+  """Each channel scaled about its mean over the image."""
+  mean = image.mean((0, 1))
+  return (image - mean) * factor + mean
 
 
 def distort_colour(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-  """Brightness, saturation, hue and contrast (TensorFlow's definitions), in a random order, on a
-  float32 image in [0, 1]."""
-  brightness = rng.uniform(-1, 1) * data_spec.MAX_BRIGHTNESS_DELTA * strength
-  saturation = 1 + rng.uniform(-1, 1) * data_spec.MAX_SATURATION_FACTOR * strength
-  hue_delta = rng.uniform(-1, 1) * data_spec.MAX_HUE_DELTA * strength
-  contrast = 1 + rng.uniform(-1, 1) * data_spec.MAX_CONTRAST_FACTOR * strength
-
-  def adjust_saturation(x):
-    h, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb(h, np.clip(s * saturation, 0, 1), v)
-
-  def adjust_hue(x):
-    h, s, v = _rgb_to_hsv(x)
-    return _hsv_to_rgb((h + hue_delta) % 1, s, v)
-
-  distortions = (lambda x: x + brightness, adjust_saturation, adjust_hue,
-                 lambda x: (x - x.mean((0, 1))) * contrast + x.mean((0, 1)))
+  """Brightness, saturation, hue and contrast, in a random order, on a float32 image in [0, 1], as
+  tfds_pipeline distorts: no clipping between them, the result clipped to [0, 1]."""
+  distortions = (
+      functools.partial(adjust_brightness, delta=rng.uniform(-1, 1) *
+                        data_spec.MAX_BRIGHTNESS_DELTA * strength),
+      functools.partial(adjust_saturation, factor=1 + rng.uniform(-1, 1) *
+                        data_spec.MAX_SATURATION_FACTOR * strength),
+      functools.partial(adjust_hue, delta=rng.uniform(-1, 1) * data_spec.MAX_HUE_DELTA * strength),
+      functools.partial(adjust_contrast, factor=1 + rng.uniform(-1, 1) *
+                        data_spec.MAX_CONTRAST_FACTOR * strength),
+  )
   for position in rng.permutation(len(distortions)):
     image = distortions[position](image)
   return np.clip(image, 0, 1).astype(np.float32)
@@ -238,11 +265,12 @@ def distort_colour(image: np.ndarray, strength: float, rng: np.random.Generator)
 def train_image(data: bytes, rng: np.random.Generator, image_size: int,
                 distortion_strength: float) -> np.ndarray:
   """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
-  image = _resize(decode_window(data, functools.partial(data_spec.random_window, rng), image_size),
-                  image_size)
+  # Decoded at full size (no DCT-domain downscaling), as TensorFlow decodes: downscaling while
+  # decoding averages pixels, and the images would come out smoother than tf.data's.
+  image = _resize(decode_window(data, functools.partial(data_spec.random_window, rng)), image_size)
   if rng.random() < 0.5:
     image = image[:, ::-1]
-  image = image.astype(np.float32) / 255
+  image = image / 255
   if distortion_strength > 0:
     image = distort_colour(image, distortion_strength, rng)
   return image * 2 - 1
