@@ -190,15 +190,25 @@ def decode_window(data: bytes, window_fn, min_size: int = 0) -> np.ndarray:
   return image[top:top + crop_height, left:left + crop_width]
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  """float32 [size, size, 3] in [0, 255]: tf.image.resize's bilinear resampling (samples at the
-  output pixels' centres, no antialiasing; Pillow's resize would average the whole footprint and
-  give smoother images). Pillow's affine transform samples so, but truncates to whole numbers:
-  adding half a level makes its error zero on average."""
-  height, width = image.shape[:2]
-  resized = Image.fromarray(image).transform(
-      (size, size), Image.AFFINE, (width / size, 0, 0, 0, height / size, 0), Image.BILINEAR)
-  return np.minimum(np.asarray(resized, np.float32) + 0.5, 255)
+def _sample_points(start, stop, size, image_size):
+  """Bilinear sample positions at the centres of the output pixels, clamped to the image: the
+  lower pixel index, the upper one and the weight of the upper."""
+  half_step = (stop - start) / (2 * image_size)
+  points = np.clip(np.linspace(start + half_step, stop - half_step, image_size) - 0.5, 0, size - 1)
+  low = np.floor(points).astype(int)
+  return low, np.minimum(low + 1, size - 1), (points - low).astype(np.float32)
+
+
+def _resample(image: np.ndarray, box, image_size: int) -> np.ndarray:
+  """float32 [S, S, 3] in [0, 255]: the box (top, left, bottom, right) of a uint8 image resampled
+  as TensorFlow resizes: bilinearly, at the output pixels' centres, without antialiasing (Pillow's
+  resize averages the whole footprint, and its images come out smoother than tf.data's)."""
+  top, left, bottom, right = box
+  y0, y1, wy = _sample_points(top, bottom, image.shape[0], image_size)
+  x0, x1, wx = _sample_points(left, right, image.shape[1], image_size)
+  upper = image[y0].astype(np.float32)
+  rows = upper + (image[y1] - upper) * wy[:, None, None]
+  return rows[:, x0] + (rows[:, x1] - rows[:, x0]) * wx[:, None]
 
 
 def _rgb_to_hcv(rgb):
@@ -267,7 +277,8 @@ def train_image(data: bytes, rng: np.random.Generator, image_size: int,
   """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
   # Decoded at full size (no DCT-domain downscaling), as TensorFlow decodes: downscaling while
   # decoding averages pixels, and the images would come out smoother than tf.data's.
-  image = _resize(decode_window(data, functools.partial(data_spec.random_window, rng)), image_size)
+  window = decode_window(data, functools.partial(data_spec.random_window, rng))
+  image = _resample(window, (0, 0, *window.shape[:2]), image_size)
   if rng.random() < 0.5:
     image = image[:, ::-1]
   image = image / 255
@@ -276,28 +287,12 @@ def train_image(data: bytes, rng: np.random.Generator, image_size: int,
   return image * 2 - 1
 
 
-def _sample_points(start, stop, size, image_size):
-  """Bilinear sample positions at the centres of the output pixels, clamped to the image: the
-  lower pixel index, the upper one and the weight of the upper."""
-  half_step = (stop - start) / (2 * image_size)
-  points = np.clip(np.linspace(start + half_step, stop - half_step, image_size) - 0.5, 0, size - 1)
-  low = np.floor(points).astype(int)
-  return low, np.minimum(low + 1, size - 1), (points - low)[:, None]
-
-
 def eval_image(data: bytes, image_size: int, crops: str) -> np.ndarray:
   """The evaluation crops of an encoded image: float32 [num_crops, S, S, 3] in [-1, 1], the boxes
   of `data_spec.crop_boxes` resampled bilinearly as tfds_pipeline.eval_image does."""
-  image = decode_window(data, lambda height, width: (0, 0, height, width)).astype(np.float32)
-  height, width = image.shape[:2]
-  boxes, mirrored = data_spec.crop_boxes(height, width, crops)
-  images = []
-  for top, left, bottom, right in boxes[~mirrored]:
-    y0, y1, wy = _sample_points(top, bottom, height, image_size)
-    x0, x1, wx = _sample_points(left, right, width, image_size)
-    rows = image[y0] * (1 - wy[..., None]) + image[y1] * wy[..., None]
-    images.append(rows[:, x0] * (1 - wx) + rows[:, x1] * wx)
-  images = np.stack(images) / 127.5 - 1
+  image = decode_window(data, lambda height, width: (0, 0, height, width))
+  boxes, mirrored = data_spec.crop_boxes(*image.shape[:2], crops)
+  images = np.stack([_resample(image, box, image_size) for box in boxes[~mirrored]]) / 127.5 - 1
   if mirrored.any():
     images = np.concatenate([images, images[:, :, ::-1]])
   return images.astype(np.float32)
