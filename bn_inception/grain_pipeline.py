@@ -33,9 +33,10 @@ from bn_inception import errors
 NUM_THREADS = 16
 
 CONVERT_MESSAGE = """\
-{name} in {data_dir} is stored as {file_format}; loader='grain' reads array_record. Convert it once \
-(TensorFlow needed), without preparing it again: tfds convert_format \
---dataset_version_dir={data_dir} --out_file_format=array_record, or use --config.dataset.loader=tf_data."""
+{name} in {data_dir} is stored as {file_format}; loader='grain' reads array_record. Add an \
+array_record copy beside it once, without preparing again, where TensorFlow is installed: \
+pip install apache-beam && tfds convert_format --dataset_version_dir={data_dir} \
+--out_file_format=array_record (or use --config.dataset.loader=tf_data)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -76,9 +77,15 @@ def _builder(config):
     _cached_builder.cache_clear()
     builder = _cached_builder(config.name, config.data_dir)
     _check_decodable(config, builder)
-  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+  array_record = tfds.core.FileFormat.ARRAY_RECORD
+  # The formats from dataset_info.json (TFDS's available_file_formats() omits the alternatives
+  # restored from it).
+  formats = {builder.info.file_format.value, *builder.info.as_proto.alternative_file_formats}
+  if array_record.value not in formats:
     raise errors.InputFileError(CONVERT_MESSAGE.format(
         name=config.name, data_dir=builder.data_dir, file_format=builder.info.file_format.value))
+  if builder.info.file_format != array_record:  # a tfrecord copy converted in place
+    builder.info.set_file_format(array_record, override=True, override_if_initialized=True)
   return builder
 
 

@@ -4,6 +4,7 @@ prepared by TFDS's own imagenet2012 builder from tiny archives in the ImageNet l
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -253,6 +254,25 @@ def test_tfrecord_copy_gets_the_conversion_command(tiny_imagenet):  # noqa: F811
   config.loader = 'grain'
   with pytest.raises(errors.InputFileError, match='tfds convert_format .*array_record'):
     input_pipeline.get_info(config)
+
+
+def test_a_converted_tfrecord_copy_is_read(grain_imagenet, tiny_imagenet, tmp_path):  # noqa: F811
+  # What `tfds convert_format` leaves in place (array_record files beside the tfrecord ones, named
+  # in dataset_info.json), made here by hand: the converter needs Apache Beam.
+  converted = tmp_path / 'data' / 'imagenet2012' / '5.1.0'
+  shutil.copytree(os.path.join(tiny_imagenet.config.data_dir, 'imagenet2012', '5.1.0'), converted)
+  for path in (grain_imagenet.root / 'data' / 'imagenet2012' / '5.1.0').glob('*.array_record-*'):
+    shutil.copy(path, converted)
+  info = json.loads((converted / 'dataset_info.json').read_text())
+  assert info.get('fileFormat', 'tfrecord') == 'tfrecord'
+  info['alternativeFileFormats'] = ['array_record']
+  (converted / 'dataset_info.json').write_text(json.dumps(info))
+  config = _config(tmp_path, manual_dir=None)
+  assert input_pipeline.get_info(config) == (1000, 30, 12)
+  ids = [i for b in input_pipeline.eval_batches(config, local_batch_size=8, crops='center',
+                                                process_index=0, process_count=1)
+         for i in b['id'][b['mask']]]
+  assert sorted(ids) == sorted(grain_imagenet.manifest['validation'])
 
 
 def test_undecodable_image_is_named(grain_imagenet, monkeypatch):
