@@ -149,24 +149,6 @@ def test_resume_is_exact(grain_imagenet, shuffle):
   np.testing.assert_array_equal(resumed[0]['image'], hosts[1][2]['image'])
 
 
-def test_training_resumed_from_a_checkpoint_is_bitwise_one_run(grain_imagenet, tmp_path):
-  # Four steps of 16 images across an epoch boundary (30 images), against two, stopped, and two
-  # more from the checkpoint: the loader's position comes from the step.
-  from bn_inception import train  # pylint: disable=g-import-not-at-top
-  from test_train import assert_trees_equal  # pylint: disable=g-import-not-at-top
-  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
-  config = tiny_config(**{'model.num_classes': 1000, 'num_train_steps': 4,
-                          'eval_every_steps': 100, 'checkpoint_every_steps': 2})
-  config.dataset = grain_imagenet.config.copy_and_resolve_references()
-  config.dataset.shuffle = 'thorough'
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  config.num_train_steps = 2
-  train.train_and_evaluate(config, str(tmp_path / 'stopped'))
-  config.num_train_steps = 4
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'stopped'))
-  assert_trees_equal(straight, resumed)
-
-
 def test_crop_windows_follow_tensorflows_distribution():
   tf = pytest.importorskip('tensorflow')
   height, width, n = 300, 400, 2000
