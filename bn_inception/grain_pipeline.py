@@ -104,6 +104,7 @@ def _check_decodable(config, builder):
 
 
 def _read_options(local_batch_size: int) -> grain.ReadOptions:
+  """Threads over images (batched after them), two batches of images read ahead."""
   return grain.ReadOptions(num_threads=NUM_THREADS,
                            prefetch_buffer_size=max(2 * local_batch_size, NUM_THREADS))
 
@@ -350,8 +351,8 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
 
   start = start_step * local_batch_size
   positions = grain.MapDataset.range(start, start + 2**62)  # endless, in practice
-  ds = positions.map(preprocess).batch(local_batch_size, drop_remainder=True)
-  return iter(ds.to_iter_dataset(_read_options(local_batch_size)))
+  ds = positions.map(preprocess).to_iter_dataset(_read_options(local_batch_size))
+  return iter(ds.batch(local_batch_size, drop_remainder=True))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -384,6 +385,7 @@ def eval_batches(config, *, local_batch_size, crops, process_index, process_coun
         out['real_labels'][np.asarray(example[set_key], int)] = True
     return out
 
-  ds = grain.MapDataset.source(padded).map(preprocess).batch(local_batch_size)
-  for batch in ds.to_iter_dataset(_read_options(local_batch_size)):
+  ds = grain.MapDataset.source(padded).map(preprocess).to_iter_dataset(
+      _read_options(local_batch_size))
+  for batch in ds.batch(local_batch_size):
     yield {**batch, 'id': np.asarray(batch['id'], dtype=str)}
