@@ -41,7 +41,7 @@ class Shuffle(NamedTuple):
 SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
 
 
-# Training crops (both TFDS loaders) (Inception / GoogLeNet): 8%-100% of the area, aspect ratio 3/4-4/3.
+# Training crops of both TFDS loaders (Inception / GoogLeNet): 8%-100% of the area, aspect 3/4-4/3.
 AREA_RANGE = (0.08, 1.0)
 ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 # Photometric distortions at strength 1.0 (Andrew Howard's, as in TF-slim's Inception preprocessing).
