@@ -8,9 +8,12 @@ never starts again from step 0 when checkpoints exist but none can be read (`res
 
 import asyncio
 import contextlib
+import errno
 import glob
 import json
+import logging as std_logging
 import os
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -34,12 +37,158 @@ def checkpoint_dir(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, keep_every: int = 0,
             read_only: bool = False) -> ocp.CheckpointManager:
+  """Orbax's manager of WORKDIR/checkpoints: a writer (training's), or with `read_only` a reader,
+  which saves and deletes nothing.
+
+  A writer first removes the temporary directories of saves that never finished (a second Ctrl-C,
+  a killed process), naming them. Orbax announces a reader with the warning "Given directory is
+  read only", which describes the manager, not the directory, and so is not shown.
+  """
+  directory = checkpoint_dir(workdir)
+  if not read_only:
+    log_unfinished_saves(directory)
   options = ocp.CheckpointManagerOptions(  # read-only: nothing to keep or save (Orbax warns else)
       max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
       keep_period=keep_every or None, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+      enable_async_checkpointing=not read_only, cleanup_tmp_directories=not read_only)
+  with _hidden_warning('Given directory is read only'):
+    return (ocp.CheckpointManager if read_only else _Writer)(
+        directory, options=options, item_handlers={ITEM: ocp.StandardCheckpointHandler()})
+
+
+class _Writer(ocp.CheckpointManager):
+  """Orbax's manager, whose saves that fail for a full disk end in one DiskFullError.
+
+  Orbax writes a checkpoint in the background: a failed write surfaces at the next save or when
+  waiting for the last one, each of its writers logging its own traceback, and each write still in
+  flight reporting through sys.unraisablehook that its event loop, closed at the first failure, is
+  gone: hundreds of lines. The logs are dropped for a full disk, which the DiskFullError explains,
+  and the reports of a closed loop from then on in this process (they only follow another error,
+  and may come after the manager closed).
+  """
+
+  def __init__(self, directory, options: ocp.CheckpointManagerOptions, **kwargs):
+    super().__init__(directory, options=options, **kwargs)
+    self.keep = options.max_to_keep
+    self.saving = None  # the step of the save last started
+    self._quiet = lambda record: not (record.levelno >= std_logging.ERROR and _is_disk_full(record))
+    logging.get_absl_logger().addFilter(self._quiet)
+    _ignore_reports_of_closed_loops()
+
+  def save(self, step: int, *args, **kwargs) -> bool:
+    # Orbax's save first waits for the previous one: its failure is named as that step's.
+    with self._disk_full_explained(step):
+      saved = super().save(step, *args, **kwargs)
+    self.saving = step
+    return saved
+
+  def wait_until_finished(self) -> None:
+    with self._disk_full_explained(self.saving):
+      super().wait_until_finished()
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      logging.get_absl_logger().removeFilter(self._quiet)
+
+  @contextlib.contextmanager
+  def _disk_full_explained(self, step: Optional[int]):
+    try:
+      yield
+    except DiskFullError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      if not _is_disk_full(e):
+        raise
+      raise disk_full_error(str(self.directory), step, self.keep) from e
+
+
+def _ignore_reports_of_closed_loops() -> None:
+  """Drops the unraisable "Event loop is closed" errors of callbacks that outlived their loop;
+  every other unraisable error is reported as before."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'ignores_closed_loops', False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'):
+      previous(unraisable)
+  hook.ignores_closed_loops = True
+  sys.unraisablehook = hook
+
+
+def _is_disk_full(error) -> bool:
+  """Whether `error` (an exception, or a log record with its text and exception) comes from a
+  full disk: an OSError with errno ENOSPC in its chain, or tensorstore's ValueError, which gives
+  only the text."""
+  if isinstance(error, std_logging.LogRecord):
+    text, error = error.getMessage(), error.exc_info[1] if error.exc_info else None
+    if os.strerror(errno.ENOSPC) in text:
+      return True
+  while error is not None:
+    if getattr(error, 'errno', None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def disk_full_error(directory: str, step: Optional[int], keep: Optional[int]) -> 'DiskFullError':
+  """What a full disk during the save of `step` means for the run, and what to do."""
+  complete = sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  if complete:
+    size = format_bytes(disk_usage(os.path.join(directory, str(complete[-1]))))
+    needs = f' A checkpoint takes {size} (step {complete[-1]}\'s)'
+    resume = f'step {complete[-1]}, the newest complete checkpoint'
+  else:
+    needs, resume = ' No checkpoint is complete yet, so its size is unknown', 'step 0'
+  room = (f'; keep_checkpoints={keep} needs room for {keep + 1} of them while one is saved'
+          if keep else '')
+  return DiskFullError(
+      f'The disk is full: the checkpoint of step {step} could not be written in {directory}.'
+      f'{needs}{room}. Free space (or lower --config.keep_checkpoints, or use a --workdir on '
+      f'another disk) and rerun the same command: it resumes from {resume}.')
+
+
+def log_unfinished_saves(directory: str) -> None:
+  """Names the temporary directories of unfinished saves in `directory` (Orbax removes them when
+  a writer opens it) and the space they take."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  unfinished = sorted(ocp.path.step.tmp_checkpoints(directory))
+  if unfinished:
+    logging.warning(
+        'Removing the unfinished checkpoint saves in %s, left by saves cut short (a second '
+        'Ctrl-C, a killed process): %s.', directory,
+        ', '.join(f'{name} ({format_bytes(disk_usage(os.path.join(directory, name)))})'
+                  for name in unfinished))
+
+
+def disk_usage(path: str) -> int:
+  """Bytes of the files under `path`."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def format_bytes(n: int) -> str:
+  """1,234 bytes, 12.3 kB, 4.5 MB, 6.7 GB."""
+  for unit in ('bytes', 'kB', 'MB', 'GB'):
+    if n < 1000 or unit == 'GB':
+      return f'{n:,} {unit}' if unit == 'bytes' else f'{n:.1f} {unit}'
+    n /= 1000
+
+
+@contextlib.contextmanager
+def _hidden_warning(prefix: str):
+  """Drops Orbax's log records that start with `prefix` meanwhile."""
+  logger = logging.get_absl_logger()
+  keep = lambda record: not record.getMessage().startswith(prefix)
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
@@ -74,7 +223,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target: Any = None,
     try:
       with _reads_finish_before_loops_close():
         if target is not None:
-          check_fits(mngr.item_metadata(s)[ITEM].tree, target, s, mngr.directory)
+          check_fits(_saved_tree(mngr, s), target, s, mngr.directory)
         if only is not None:
           restored = {ITEM: _restore_only(mngr, s, only)}
         else:
@@ -187,6 +336,17 @@ def set_aside(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.basename(aside)
 
 
+def _saved_tree(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """The metadata of a checkpoint's arrays, read by the item's handler: the manager's
+  item_metadata turns a missing _METADATA file into None, with a warning about handler registries,
+  where the handler says the file is missing."""
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    return handler.metadata(mngr.directory / str(step) / ITEM).tree
+  finally:
+    handler.close()
+
+
 def _restore_only(mngr: ocp.CheckpointManager, step: int, names: Sequence[str]) -> dict[str, Any]:
   # A PyTree handler on the item's directory: the manager's StandardRestore cannot restore part of
   # a tree, and the saved metadata gives the structure without knowing the model.
@@ -209,6 +369,10 @@ class CheckpointMismatchError(errors.UserError, ValueError):
 
 class UnreadableCheckpointsError(errors.UserError, RuntimeError):
   """Checkpoints exist, but none can be read."""
+
+
+class DiskFullError(errors.UserError, OSError):
+  """A checkpoint could not be written for lack of space; the earlier ones are intact."""
 
 
 def check_fits(stored, target, step: int, directory) -> None:

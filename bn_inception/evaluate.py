@@ -283,6 +283,9 @@ def main(argv):
   eval_sets = FLAGS.eval_sets or [config.dataset.name]
   for name in eval_sets:
     eval_set_config(config, name)  # an unknown name, before anything else
+  cli.check_processes_agree(config=config.to_dict(), workdir=os.path.abspath(workdir),
+                            step=step, eval_sets=eval_sets, crops=FLAGS.crops,
+                            weights=FLAGS.weights, batch_size=FLAGS.batch_size)
   stored = sorted(checkpoints.manager(workdir, read_only=True).all_steps())
   if not stored:
     raise errors.NotFoundError(f'{checkpoints.checkpoint_dir(workdir)} holds no checkpoint.')

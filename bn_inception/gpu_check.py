@@ -1,4 +1,5 @@
-"""The GPU check (issue 11): every measurement that needs a GPU, prepared to run in one call.
+"""The GPU check: every measurement that needs a GPU (speed against the PyTorch port, profiles,
+precision, the opt-in changes and XLA flags), prepared to run in one call.
 
   python3 scripts/gpu_check.py --out=$OUT               # on the GPU machine, from the repo's root
   python scripts/gpu_check.py --out=/tmp/smoke --smoke  # the same steps at a tiny size, on a CPU

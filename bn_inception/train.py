@@ -663,12 +663,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except KeyboardInterrupt:  # Ctrl-C: once (after saving) or twice (at once)
     raise preemption.interrupted() from None
   finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-    preemption.restore()
-    if lock:
-      lock.release()
+    try:
+      mngr.wait_until_finished()  # may raise: the last save failed (a full disk)
+    finally:
+      mngr.close()
+      writer.close()
+      preemption.restore()
+      if lock:
+        lock.release()
   return state
 
 

@@ -1,4 +1,4 @@
-r"""The GPU check of issue 11: every GPU measurement in one call, one JSON line per step.
+r"""The GPU check: every measurement that needs a GPU, in one call, one JSON line per step.
 
   python3 scripts/gpu_check.py --out=$OUT                   # on the GPU machine (docs/benchmarks)
   python3 scripts/gpu_check.py --out=$OUT --only=flag_triton_gemm_off,optin_bn_fused
