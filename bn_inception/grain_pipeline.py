@@ -226,14 +226,19 @@ def _rgb_to_hcv(rgb):
   safe = np.where(chroma > 0, chroma, 1)
   r, g, b = np.moveaxis(rgb, -1, 0)
   hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2 + (b - r) / safe,
-                                                         4 + (r - g) / safe))
-  return np.where(chroma > 0, hue / 6 % 1, 0), chroma, value
+                                                         4 + (r - g) / safe)) / 6
+  return np.where(chroma > 0, _wrapped(hue, 1), 0), chroma, value
+
+
+def _wrapped(x, period):
+  """x modulo period for x in [-period, 2 period) (cheaper than numpy's %)."""
+  return x + period * ((x < 0).astype(x.dtype) - (x >= period))
 
 
 def _hcv_to_rgb(hue, chroma, value):
   sector = hue * 6
   return np.stack([value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
-                   for k in ((5 + sector) % 6, (3 + sector) % 6, (1 + sector) % 6)], -1)
+                   for k in (_wrapped(sector + offset, 6) for offset in (5, 3, 1))], -1)
 
 
 # TensorFlow's colour adjustments (tf.image.adjust_*), on float RGB of any values.
@@ -254,7 +259,7 @@ def adjust_hue(image, delta):
   """The hue turned by delta (a fraction of the circle), each pixel's largest and smallest
   channel kept."""
   hue, chroma, value = _rgb_to_hcv(image)
-  return _hcv_to_rgb((hue + delta) % 1, chroma, value)
+  return _hcv_to_rgb(_wrapped(hue + delta, 1), chroma, value)
 
 
 def adjust_contrast(image, factor):
