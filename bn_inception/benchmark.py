@@ -184,7 +184,7 @@ def run(config: ml_collections.ConfigDict, *, mode: str = 'train', steps: int = 
     if input_pipeline.DATASETS.get(config.dataset.name, input_pipeline.TFDS) is input_pipeline.TFDS:
       measured = input_benchmark.compare_loaders(config, steps=steps, warmup_steps=warmup_steps)
     else:  # one loader only
-      measured = run_input(config, steps=steps, warmup_steps=warmup_steps)
+      measured = input_benchmark.run_input(config, steps=steps, warmup_steps=warmup_steps)
     return {**describe(config, mode, steps, warmup_steps), **measured}
 
   peer_result = {}
@@ -515,34 +515,3 @@ def run_torch(config, *, steps: int, warmup_steps: int,
   return result
 
 
-# ------------------------------------------------------------------------------------------------
-# The input pipeline alone.
-# ------------------------------------------------------------------------------------------------
-def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
-  """Host-side img/s of the training input pipeline (decode, crop, distort, batch), per CPU core
-  this process may use (restrict them with taskset to measure scaling)."""
-  # Here only: for TFDS data sets the pipeline imports TensorFlow.
-  cores = len(os.sched_getaffinity(0))
-  start = time.perf_counter()
-  batches = input_pipeline.train_batches(config.dataset, local_batch_size=config.batch_size,
-                                         seed=config.seed)
-  next(batches)
-  startup_s = time.perf_counter() - start
-  for _ in range(warmup_steps):
-    next(batches)
-  start = time.perf_counter()
-  for _ in range(steps):
-    batch = next(batches)
-  np.asarray(batch['image'])
-  step_s = (time.perf_counter() - start) / steps
-  img_per_s = config.batch_size / step_s
-  return {
-      'dataset': config.dataset.name,
-      'img_per_s': img_per_s,
-      'img_per_s_per_core': img_per_s / cores,
-      'step_ms': step_s * 1e3,
-      'startup_s': startup_s,
-      'compile_s': None,
-      'mfu': None,
-      'peak_memory_bytes': None,
-  }

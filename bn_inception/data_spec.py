@@ -1,7 +1,7 @@
 """What every data source shares: DatasetInfo, the shuffle modes, the evaluation crops, padded batches.
 
 Shared by `input_pipeline` (the interface and the numpy sources), `tfds_pipeline` (TensorFlow) and
-`grain_pipeline` (Grain, no TensorFlow). numpy only.
+`grain_pipeline` (Grain, no TensorFlow). numpy only; image_keys imports TFDS (not TensorFlow).
 """
 
 import functools
@@ -23,6 +23,21 @@ class DatasetInfo(NamedTuple):
 LOADERS = ('tf_data', 'grain')
 # An evaluation set whose supervised label is a set of labels: (its single label, the label set).
 LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
+
+
+def image_keys(info) -> tuple[str, str, str | None]:
+  """(image key, label key, id key or None) of an image-classification data set's tfds info."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # no TensorFlow
+  image, label = info.supervised_keys or (None, None)
+  label = LABEL_SETS.get(info.name, (label,))[0]
+  features = dict(info.features.items())
+  if not (isinstance(features.get(image), tfds.features.Image) and
+          isinstance(features.get(label), tfds.features.ClassLabel)):
+    raise errors.ConfigError(
+        f'{info.name} is not an image-classification data set: its supervised keys are '
+        f'{info.supervised_keys}, its features {info.features}.')
+  ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
+  return image, label, (ids[0] if ids else None)
 
 
 class Shuffle(NamedTuple):

@@ -43,20 +43,6 @@ pip install apache-beam && tfds convert_format --dataset_version_dir={data_dir} 
 # The data set and its files
 # ---------------------------------------------------------------------------------------------------
 
-def image_keys(info) -> tuple[str, str, str | None]:
-  """(image key, label key, id key or None) of an image-classification data set's tfds info."""
-  image, label = info.supervised_keys or (None, None)
-  label = data_spec.LABEL_SETS.get(info.name, (label,))[0]
-  features = dict(info.features.items())
-  if not (isinstance(features.get(image), tfds.features.Image) and
-          isinstance(features.get(label), tfds.features.ClassLabel)):
-    raise errors.ConfigError(
-        f'{info.name} is not an image-classification data set: its supervised keys are '
-        f'{info.supervised_keys}, its features {info.features}.')
-  ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
-  return image, label, (ids[0] if ids else None)
-
-
 @functools.cache
 def _cached_builder(name, data_dir):
   return tfds.builder(name, data_dir=data_dir)  # or DatasetNotFoundError
@@ -111,7 +97,7 @@ def _read_options(local_batch_size: int) -> grain.ReadOptions:
 
 def get_info(config) -> data_spec.DatasetInfo:
   builder = _builder(config)
-  _, label, _ = image_keys(builder.info)
+  _, label, _ = data_spec.image_keys(builder.info)
   return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
       # Evaluation sets (ReaL, ImageNet-V2) have no training split.
@@ -127,7 +113,7 @@ class _Split:
     builder = _builder(config)
     self.name = config.name
     self.info = builder.info
-    self.keys = image_keys(builder.info)
+    self.keys = data_spec.image_keys(builder.info)
     # Images stay encoded: decoded here, by our decoder, not by TFDS (which would need TensorFlow).
     self.source = builder.as_data_source(
         split=split, decoders={self.keys[0]: tfds.decode.SkipDecoding()})

@@ -2,7 +2,7 @@
 
 `compare_loaders(config, ...)` prepares the data set once per loader (tf.data reads tfrecord from
 config.dataset.data_dir, Grain array_record from the sibling directory `grain_data_dir(...)`, both
-from config.dataset.manual_dir) and then times `benchmark.run_input` in one fresh process per
+from config.dataset.manual_dir) and then times `run_input` in one fresh process per
 (cores, loader), interleaved: each child pins itself to its first `cores` CPUs before TensorFlow or
 Grain start a thread, so their thread pools are bounded to those cores.
 
@@ -13,9 +13,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any, Sequence
 
 import ml_collections
+import numpy as np
 
 LOADERS = ('tf_data', 'grain')
 
@@ -39,7 +41,8 @@ def _measure(config, loader: str, cores: int, steps: int, warmup_steps: int) -> 
   child = subprocess.run([sys.executable, '-m', 'bn_inception.input_benchmark'],
                          input=json.dumps(job), capture_output=True, text=True, check=False)
   if child.returncode:
-    raise RuntimeError(f'The {loader} measurement on {cores} core(s) failed:\n{child.stderr[-3000:]}')
+    raise RuntimeError(
+        f'The {loader} measurement on {cores} core(s) failed:\n{child.stderr[-3000:]}')
   return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -72,13 +75,42 @@ def compare_loaders(config, *, steps: int, warmup_steps: int,
   return out
 
 
+def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
+  """Host-side img/s of the training input pipeline (decode, crop, distort, batch), per CPU core
+  this process may use (restrict them with taskset to measure scaling)."""
+  # Here only: for TFDS data sets the pipeline imports TensorFlow.
+  from bn_inception import input_pipeline  # pylint: disable=g-import-not-at-top
+  cores = len(os.sched_getaffinity(0))
+  start = time.perf_counter()
+  batches = input_pipeline.train_batches(config.dataset, local_batch_size=config.batch_size,
+                                         seed=config.seed)
+  next(batches)
+  startup_s = time.perf_counter() - start
+  for _ in range(warmup_steps):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(steps):
+    batch = next(batches)
+  np.asarray(batch['image'])
+  step_s = (time.perf_counter() - start) / steps
+  img_per_s = config.batch_size / step_s
+  return {
+      'dataset': config.dataset.name,
+      'img_per_s': img_per_s,
+      'img_per_s_per_core': img_per_s / cores,
+      'step_ms': step_s * 1e3,
+      'startup_s': startup_s,
+      'compile_s': None,
+      'mfu': None,
+      'peak_memory_bytes': None,
+  }
+
+
 def _child():
   job = json.loads(sys.stdin.read())
   os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:job['cores']])  # before any thread
-  from bn_inception import benchmark  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(json.loads(job['config']))
-  print(json.dumps(benchmark.run_input(config, steps=job['steps'],
-                                       warmup_steps=job['warmup_steps'])))
+  print(json.dumps(run_input(config, steps=job['steps'], warmup_steps=job['warmup_steps'])))
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bn_inception import data_spec
-from bn_inception import grain_pipeline
 from bn_inception import errors
 
 # JAX owns the accelerators: TensorFlow must not reserve their memory. (If TensorFlow has already
@@ -208,7 +207,7 @@ def _naming_undecodable_images(batches, config, split: str):
 
 def _keys(builder):
   """(image key, label key, id key or None) of an image-classification data set in TFRecord."""
-  keys = grain_pipeline.image_keys(builder.info)
+  keys = data_spec.image_keys(builder.info)
   if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise errors.ConfigError(
         f'{builder.info.name} in {builder.data_dir} is stored as {builder.info.file_format.value}; '
