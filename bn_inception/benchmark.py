@@ -8,7 +8,10 @@ JSON line):
     the batch sharded, the state replicated and donated. The batch is synthetic and lives on the
     device, so nothing but the step is timed.
   * 'eval': `train.eval_step` (one centre crop) on the training state's population statistics.
-  * 'input': the host input pipeline alone (`input_pipeline.train_batches`), in img/s per CPU core.
+  * 'input': the host input pipeline alone (`input_pipeline.train_batches`), in img/s per CPU core;
+    for TFDS data sets both loaders (tf.data, Grain) at 1 and 2 cores (`input_benchmark`).
+  * 'decode': the TensorFlow-free JPEG decoders on one core (`decode_benchmark`), on the JPEGs of
+    config.dataset.manual_dir's training archive; `steps` images.
 
 `peer='torch'` also times the same network in PyTorch: the `pretrainedmodels` port (the Caffe-trained
 BN-Inception's network), channels-last, bf16 autocast, `torch.compile` on CUDA, SGD with momentum.
@@ -37,10 +40,13 @@ import numpy as np
 
 from bn_inception import config_checks
 from bn_inception import convert
+from bn_inception import decode_benchmark
+from bn_inception import errors
+from bn_inception import input_benchmark
 from bn_inception import input_pipeline
 from bn_inception import train
 
-MODES = ('train', 'eval', 'input')
+MODES = ('train', 'eval', 'input', 'decode')
 PEERS = ('torch',)
 
 # Dense (no sparsity) peak FLOP/s of one device, by a substring of its lower-cased device_kind (first
@@ -167,9 +173,19 @@ def run(config: ml_collections.ConfigDict, *, mode: str = 'train', steps: int = 
     raise ValueError(f'Unknown peer {peer!r}; valid: {list(PEERS)}.')
   if peer and mode != 'train':
     raise ValueError('The PyTorch peer times training steps only: use mode="train".')
-  if mode == 'input':
+  if mode == 'decode':
+    if not config.dataset.manual_dir:
+      raise errors.ConfigError('--mode=decode reads ImageNet-layout archives: give '
+                               '--config.dataset.manual_dir (scripts/make_photo_imagenet.py).')
     return {**describe(config, mode, steps, warmup_steps),
-            **run_input(config, steps=steps, warmup_steps=warmup_steps)}
+            **decode_benchmark.run_decode(config.dataset.manual_dir, num_images=steps,
+                                          image_size=config.dataset.image_size)}
+  if mode == 'input':
+    if input_pipeline.DATASETS.get(config.dataset.name, input_pipeline.TFDS) is input_pipeline.TFDS:
+      measured = input_benchmark.compare_loaders(config, steps=steps, warmup_steps=warmup_steps)
+    else:  # one loader only
+      measured = input_benchmark.run_input(config, steps=steps, warmup_steps=warmup_steps)
+    return {**describe(config, mode, steps, warmup_steps), **measured}
 
   peer_result = {}
   if peer == 'torch':
@@ -499,34 +515,3 @@ def run_torch(config, *, steps: int, warmup_steps: int,
   return result
 
 
-# ------------------------------------------------------------------------------------------------
-# The input pipeline alone.
-# ------------------------------------------------------------------------------------------------
-def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
-  """Host-side img/s of the training input pipeline (decode, crop, distort, batch), per CPU core
-  this process may use (restrict them with taskset to measure scaling)."""
-  # Here only: for TFDS data sets the pipeline imports TensorFlow.
-  cores = len(os.sched_getaffinity(0))
-  start = time.perf_counter()
-  batches = input_pipeline.train_batches(config.dataset, local_batch_size=config.batch_size,
-                                         seed=config.seed)
-  next(batches)
-  startup_s = time.perf_counter() - start
-  for _ in range(warmup_steps):
-    next(batches)
-  start = time.perf_counter()
-  for _ in range(steps):
-    batch = next(batches)
-  np.asarray(batch['image'])
-  step_s = (time.perf_counter() - start) / steps
-  img_per_s = config.batch_size / step_s
-  return {
-      'dataset': config.dataset.name,
-      'img_per_s': img_per_s,
-      'img_per_s_per_core': img_per_s / cores,
-      'step_ms': step_s * 1e3,
-      'startup_s': startup_s,
-      'compile_s': None,
-      'mfu': None,
-      'peak_memory_bytes': None,
-  }

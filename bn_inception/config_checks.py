@@ -88,6 +88,7 @@ EVALUATION: dict[str, Rule] = {
     'dataset.image_size': (integer(32)[0], 'an integer >= 32 (the network downsamples 32x)'),
     'dataset.eval_split': TEXT,
     'dataset.eval_crops': one_of(data_spec.CROPS),
+    'dataset.loader': one_of(data_spec.LOADERS),
     'batch_size': integer(1),
     'eval_batch_size': or_none(integer(1), 'batch_size'),
 }

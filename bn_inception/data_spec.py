@@ -1,7 +1,7 @@
 """What every data source shares: DatasetInfo, the shuffle modes, the evaluation crops, padded batches.
 
-Shared by `input_pipeline` (the interface and the numpy sources) and `tfds_pipeline` (TensorFlow),
-neither of which imports the other at import time. numpy only.
+Shared by `input_pipeline` (the interface and the numpy sources), `tfds_pipeline` (TensorFlow) and
+`grain_pipeline` (Grain, no TensorFlow). numpy only; image_keys imports TFDS (not TensorFlow).
 """
 
 import functools
@@ -18,6 +18,28 @@ class DatasetInfo(NamedTuple):
   num_eval_examples: int
 
 
+# How TFDS data sets are read (config.dataset.loader): tfds_pipeline (tf.data over tfrecord) or
+# grain_pipeline (Grain over array_record, no TensorFlow).
+LOADERS = ('tf_data', 'grain')
+# An evaluation set whose supervised label is a set of labels: (its single label, the label set).
+LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
+
+
+def image_keys(info) -> tuple[str, str, str | None]:
+  """(image key, label key, id key or None) of an image-classification data set's tfds info."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  # no TensorFlow
+  image, label = info.supervised_keys or (None, None)
+  label = LABEL_SETS.get(info.name, (label,))[0]
+  features = dict(info.features.items())
+  if not (isinstance(features.get(image), tfds.features.Image) and
+          isinstance(features.get(label), tfds.features.ClassLabel)):
+    raise errors.ConfigError(
+        f'{info.name} is not an image-classification data set: its supervised keys are '
+        f'{info.supervised_keys}, its features {info.features}.')
+  ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
+  return image, label, (ids[0] if ids else None)
+
+
 class Shuffle(NamedTuple):
   """How thoroughly training shuffles TFDS data (config.dataset.shuffle; tfds_pipeline)."""
   files: int  # read together, interleaved example by example
@@ -32,6 +54,45 @@ class Shuffle(NamedTuple):
 # examples from different files in a new combination every epoch. On ImageNet (1024 files of ~1250
 # examples, ~110 kB each) that buffer holds ~1.8 GB, twice while the next chunk fills.
 SHUFFLE = {'light': Shuffle(files=1, buffer=0), 'thorough': Shuffle(files=16, buffer=16_384)}
+
+
+# Training crops of both TFDS loaders (Inception / GoogLeNet): 8%-100% of the area, aspect 3/4-4/3.
+AREA_RANGE = (0.08, 1.0)
+ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+# Photometric distortions at strength 1.0 (Andrew Howard's, as in TF-slim's Inception preprocessing).
+MAX_BRIGHTNESS_DELTA = 32 / 255
+MAX_SATURATION_FACTOR = 0.5  # factor in 1 +- this
+MAX_HUE_DELTA = 0.2
+MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
+
+
+def center_window(height: int, width: int) -> tuple[int, int, int, int]:
+  """The evaluation centre crop (crops='center') in whole pixels: (top, left, height, width)."""
+  side = max(int(CENTER_FRACTION * min(height, width)), 1)
+  return (height - side) // 2, (width - side) // 2, side, side
+
+
+def random_window(rng: np.random.Generator, height: int, width: int) -> tuple[int, int, int, int]:
+  """A random crop (top, left, height, width) of 8-100% of the area and aspect ratio (width /
+  height) 3/4-4/3, or the centre crop when ten tries find none (very wide or tall images). Drawn
+  as TensorFlow's sample_distorted_bounding_box draws them: the aspect ratio uniform, then the
+  height uniform among the whole numbers that keep the area in range."""
+  min_area, max_area = AREA_RANGE[0] * height * width, AREA_RANGE[1] * height * width
+  for _ in range(10):
+    aspect = rng.uniform(*ASPECT_RATIO_RANGE)
+    crop_height = round(np.sqrt(min_area / aspect))
+    max_height = min(round(np.sqrt(max_area / aspect)), int((width + 0.5) / aspect), height)
+    crop_height = min(crop_height, max_height)
+    crop_height += int(rng.integers(max_height - crop_height + 1))
+    crop_width = round(crop_height * aspect)
+    if crop_width * crop_height < min_area:
+      crop_height += 1
+      crop_width = round(crop_height * aspect)
+    if (min_area <= crop_width * crop_height <= max_area and 0 < crop_width <= width
+        and 0 < crop_height <= height):
+      return (int(rng.integers(height - crop_height + 1)), int(rng.integers(width - crop_width + 1)),
+              crop_height, crop_width)
+  return center_window(height, width)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -160,10 +160,15 @@ class Source(NamedTuple):
 
 def _from_tfds(function_name):
   def call(config, **kwargs):
-    from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top  # TensorFlow
+    # pylint: disable=g-import-not-at-top
+    if config.get('loader', 'tf_data') == 'grain':
+      from bn_inception import grain_pipeline as pipeline  # no TensorFlow
+    else:
+      from bn_inception import tfds_pipeline as pipeline  # TensorFlow
+    import tensorflow_datasets as tfds
     try:
-      return getattr(tfds_pipeline, function_name)(config, **kwargs)
-    except tfds_pipeline.DatasetNotFoundError:
+      return getattr(pipeline, function_name)(config, **kwargs)
+    except tfds.core.registered.DatasetNotFoundError:
       raise errors.ConfigError(unknown_dataset_message(config.name)) from None
   return call
 

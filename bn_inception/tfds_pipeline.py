@@ -31,8 +31,6 @@ except RuntimeError:
   pass
 
 AUTOTUNE = tf.data.AUTOTUNE
-# What TFDS raises for a name it does not know; input_pipeline answers it with the valid names.
-DatasetNotFoundError = tfds.core.registered.DatasetNotFoundError
 
 
 IMAGENET_ARCHIVES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
@@ -67,26 +65,16 @@ archives):
 and pass
   --config.dataset.manual_dir=DIR --config.dataset.data_dir=WHERE_THE_PREPARED_DATA_GOES
 The first evaluation prepares the set once; later ones only read data_dir and need no manual_dir."""
-# An evaluation set whose supervised label is a set of labels: (its single label, the label set).
-LABEL_SETS = {'imagenet2012_real': ('original_label', 'real_label')}
-
-# Training crops (Inception / GoogLeNet): 8%-100% of the area, aspect ratio 3/4-4/3.
-AREA_RANGE = (0.08, 1.0)
-ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
-# Photometric distortions at strength 1.0 (Andrew Howard's, as in TF-slim's Inception preprocessing).
-MAX_BRIGHTNESS_DELTA = 32 / 255
-MAX_SATURATION_FACTOR = 0.5  # factor in 1 +- this
-MAX_HUE_DELTA = 0.2
-MAX_CONTRAST_FACTOR = 0.5  # factor in 1 +- this
 
 
 # ---------------------------------------------------------------------------------------------------
 # The data set and its files
 # ---------------------------------------------------------------------------------------------------
 
-def _builder(config) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder; prepares it first (once) when needed."""
-  builder = tfds.builder(config.name, data_dir=config.data_dir)  # or DatasetNotFoundError
+def prepared_builder(config, file_format: str = 'tfrecord') -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder; prepares it first (once) when needed, in `file_format`."""
+  builder = tfds.builder(config.name, data_dir=config.data_dir,
+                         file_format=file_format)  # or DatasetNotFoundError
   if builder.is_prepared():
     return builder
   _check_manual_files(config, builder)
@@ -96,6 +84,8 @@ def _builder(config) -> tfds.core.DatasetBuilder:
         download_config=tfds.download.DownloadConfig(manual_dir=config.manual_dir))
   except tfds.core.download.download_manager.NonMatchingChecksumError as e:
     raise errors.InputFileError(_wrong_file_message(config, e)) from e
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+    return builder  # checked by its reader (grain_pipeline)
   # TFDS stores the images as they come, decodable or not: decode each once now (little, against
   # the hours of preparing ImageNet), rather than fail in some epoch's batch.
   logging.info('Checking that every image of %s decodes.', config.name)
@@ -206,7 +196,7 @@ def _naming_undecodable_images(batches, config, split: str):
   try:
     yield from batches
   except tf.errors.InvalidArgumentError as e:
-    builder = _builder(config)
+    builder = prepared_builder(config)
     logging.warning('Reading %s failed (%s); looking for images that cannot be decoded.',
                     config.name, errors.describe(e))
     bad = _undecodable_images(builder, split)
@@ -216,24 +206,17 @@ def _naming_undecodable_images(batches, config, split: str):
 
 
 def _keys(builder):
-  """(image key, label key, id key or None) of an image-classification data set."""
-  info = builder.info
-  image, label = info.supervised_keys or (None, None)
-  label = LABEL_SETS.get(info.name, (label,))[0]
-  features = dict(info.features.items())
-  if not (isinstance(features.get(image), tfds.features.Image) and
-          isinstance(features.get(label), tfds.features.ClassLabel)):
+  """(image key, label key, id key or None) of an image-classification data set in TFRecord."""
+  keys = data_spec.image_keys(builder.info)
+  if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
     raise errors.ConfigError(
-        f'{info.name} is not an image-classification data set: its supervised keys are '
-        f'{info.supervised_keys}, its features {info.features}.')
-  if info.file_format != tfds.core.FileFormat.TFRECORD:
-    raise ValueError(f'{info.name} is stored as {info.file_format}; the pipeline reads TFRecord.')
-  ids = [key for key in ('file_name', 'id') if isinstance(features.get(key), tfds.features.Text)]
-  return image, label, (ids[0] if ids else None)
+        f'{builder.info.name} in {builder.data_dir} is stored as {builder.info.file_format.value}; '
+        "loader='tf_data' reads tfrecord: use --config.dataset.loader=grain.")
+  return keys
 
 
 def get_info(config) -> data_spec.DatasetInfo:
-  builder = _builder(config)
+  builder = prepared_builder(config)
   _, label, _ = _keys(builder)
   return data_spec.DatasetInfo(
       num_classes=builder.info.features[label].num_classes,
@@ -287,8 +270,9 @@ def _random_window(seed):
   def window(shape):
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, whole_image, seed=seed, min_object_covered=0.0, area_range=AREA_RANGE,
-        aspect_ratio_range=ASPECT_RATIO_RANGE, max_attempts=10, use_image_if_no_bounding_boxes=True)
+        shape, whole_image, seed=seed, min_object_covered=0.0, area_range=data_spec.AREA_RANGE,
+        aspect_ratio_range=data_spec.ASPECT_RATIO_RANGE, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
     failed = tf.reduce_all(tf.equal(size[:2], shape[:2]))  # it returns the whole image then
     return tf.cond(failed, lambda: _center_window(shape),
                    lambda: tf.concat([begin[:2], size[:2]], axis=0))
@@ -298,13 +282,16 @@ def _random_window(seed):
 def _distort_colour(image, strength, seed):
   """Brightness, saturation, hue and contrast, in a random order, on an image in [0, 1]."""
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
+  brightness, hue = data_spec.MAX_BRIGHTNESS_DELTA * strength, data_spec.MAX_HUE_DELTA * strength
+  saturation = data_spec.MAX_SATURATION_FACTOR * strength
+  contrast = data_spec.MAX_CONTRAST_FACTOR * strength
   distortions = (
-      lambda x: tf.image.stateless_random_brightness(x, MAX_BRIGHTNESS_DELTA * strength, seeds[0]),
+      lambda x: tf.image.stateless_random_brightness(x, brightness, seeds[0]),
       lambda x: tf.image.stateless_random_saturation(
-          x, 1 - MAX_SATURATION_FACTOR * strength, 1 + MAX_SATURATION_FACTOR * strength, seeds[1]),
-      lambda x: tf.image.stateless_random_hue(x, MAX_HUE_DELTA * strength, seeds[2]),
+          x, 1 - saturation, 1 + saturation, seeds[1]),
+      lambda x: tf.image.stateless_random_hue(x, hue, seeds[2]),
       lambda x: tf.image.stateless_random_contrast(
-          x, 1 - MAX_CONTRAST_FACTOR * strength, 1 + MAX_CONTRAST_FACTOR * strength, seeds[3]),
+          x, 1 - contrast, 1 + contrast, seeds[3]),
   )
 
   # A random permutation, applied one position at a time: 4 x 4 branches to trace instead of 24 x 4.
@@ -449,7 +436,7 @@ def _train_records(instructions, shuffle: data_spec.Shuffle, seed, start: int) -
 
 
 def train_batches(config, *, local_batch_size, seed, start_step, process_index, process_count):
-  builder = _builder(config)
+  builder = prepared_builder(config)
   image_key, label_key, _ = _keys(builder)
   shuffle = data_spec.SHUFFLE[config.shuffle]  # a known name: config_checks
   # Equal shares keep the hosts' epochs in step; fewer than process_count examples are left out.
@@ -489,13 +476,13 @@ def eval_batches(config, *, local_batch_size, crops, process_index, process_coun
 
 
 def _eval_dataset(config, local_batch_size, crops, process_index, process_count):
-  builder = _builder(config)
+  builder = prepared_builder(config)
   image_key, label_key, id_key = _keys(builder)
   num_examples = builder.info.splits[config.eval_split].num_examples
   host_split = tfds.even_splits(config.eval_split, n=process_count)[process_index]
   instructions = builder.info.splits[host_split].file_instructions
   host_examples = sum(i.take for i in instructions)
-  set_key = LABEL_SETS.get(builder.info.name, (None, None))[1]
+  set_key = data_spec.LABEL_SETS.get(builder.info.name, (None, None))[1]
   parse = _parser(builder, (image_key, label_key, id_key, set_key))
   num_classes = builder.info.features[label_key].num_classes
 

@@ -80,6 +80,9 @@ def get_config(scale: str | None = None) -> ml_collections.ConfigDict:
       # (about 2 x 1.8 GB of host memory on ImageNet). See data_spec.SHUFFLE.
       shuffle='light',
       eval_crops='center',  # 'center' | '10' | '144'
+      # TFDS data sets: 'tf_data' (TensorFlow, tfrecord files) | 'grain' (no TensorFlow,
+      # array_record files; see README). See input_pipeline.LOADERS.
+      loader='tf_data',
   ))
 
   # Optimisation (paper section 4.2; design.md section 4 says which values are ours).

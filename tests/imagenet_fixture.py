@@ -1,24 +1,21 @@
 """Tiny ImageNet archives in the real ILSVRC2012 layout, and a session fixture that prepares them.
 
-`write_archives(manual_dir)` writes the two files a user downloads from image-net.org, in miniature:
-ILSVRC2012_img_train.tar (one nXXXXXXXX.tar per synset, holding nXXXXXXXX_N.JPEG) and
-ILSVRC2012_img_val.tar (ILSVRC2012_val_%08d.JPEG), with the odd files real ImageNet has: grayscale,
+`write_archives(manual_dir)` writes the two files a user downloads from image-net.org, in miniature
+(bn_inception/imagenet_archives.py writes the layout), with the odd files real ImageNet has: grayscale,
 CMYK, PNG named .JPEG (some under the names TFDS's builder converts, some not), progressive JPEG,
 images smaller than any crop, very wide and very tall ones. TFDS's own imagenet2012 builder prepares
 them; scripts/make_tiny_imagenet.py writes them for a command-line run.
-
-TFDS labels the validation images with the first lines of its validation_labels.txt (it pairs the
-sorted file names with that file's lines), so the archive need not hold all 50,000.
 """
 
 import io
 import os
-import tarfile
 import types
 
 import numpy as np
 from PIL import Image
 import pytest
+
+from bn_inception import imagenet_archives
 
 SYNSETS = ('n01440764', 'n01739381', 'n02105855', 'n04596742', 'n15075141')
 IMAGES_PER_SYNSET = 6
@@ -48,12 +45,6 @@ ODD_VAL = {
 }
 
 
-def _tfds_labels(name):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  path = tfds.core.tfds_path(f'datasets/imagenet2012/{name}')
-  return path.read_text().split()
-
-
 def _encode(rng, kind, size, noise=0.0):
   """A smooth random image (so JPEG keeps it faithfully) encoded as `kind`; `noise` (the std of
   added pixel noise) gives JPEGs the entropy, and so the decoding cost, of photographs."""
@@ -74,12 +65,6 @@ def _encode(rng, kind, size, noise=0.0):
   return buffer.getvalue()
 
 
-def _add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
-
-
 def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size=None,
                    damaged=()):
   """Writes the two archives into manual_dir; returns {'train': {file: synset}, 'validation': ...}.
@@ -91,28 +76,30 @@ def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size
   os.makedirs(manual_dir, exist_ok=True)
   rng = np.random.default_rng(seed)
 
-  def add(tar, name, data):
-    _add(tar, name, data[:len(data) // 2] if name in damaged else data)
+  def damage(name, data):
+    return data[:len(data) // 2] if name in damaged else data
 
   manifest = {'train': {}, 'validation': {}}
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as train_tar:
-    for synset in SYNSETS:
-      synset_tar = io.BytesIO()
-      with tarfile.open(fileobj=synset_tar, mode='w') as tar:
-        odd = [name for name in ODD_TRAIN if name.startswith(synset)]
-        plain = [f'{synset}_{i}.JPEG' for i in range(images_per_synset)]
-        names = odd + [name for name in plain if name not in odd][:images_per_synset - len(odd)]
-        for name in names:
-          kind, odd_size = ODD_TRAIN.get(name, ('rgb', None))
-          add(tar, name, _encode(rng, kind, odd_size or size, noise=8.0 if size else 0.0))
-          manifest['train'][name] = synset
-      _add(train_tar, f'{synset}.tar', synset_tar.getvalue())
-  val_synsets = _tfds_labels('validation_labels.txt')
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as val_tar:
-    for i in range(1, NUM_VAL + 1):
-      name = f'ILSVRC2012_val_{i:08d}.JPEG'
-      add(val_tar, name, _encode(rng, *ODD_VAL.get(i, ('rgb', None))))
-      manifest['validation'][name] = val_synsets[i - 1]
+  train_files = []
+  for synset in SYNSETS:
+    odd = [name for name in ODD_TRAIN if name.startswith(synset)]
+    plain = [f'{synset}_{i}.JPEG' for i in range(images_per_synset)]
+    names = odd + [name for name in plain if name not in odd][:images_per_synset - len(odd)]
+    files = []
+    for name in names:
+      kind, odd_size = ODD_TRAIN.get(name, ('rgb', None))
+      files.append((name, damage(name, _encode(rng, kind, odd_size or size,
+                                               noise=8.0 if size else 0.0))))
+      manifest['train'][name] = synset
+    train_files.append((synset, files))
+  imagenet_archives.write_train_archive(manual_dir, train_files)
+  val_synsets = imagenet_archives.tfds_labels('validation_labels.txt')
+  val_files = []
+  for i in range(1, NUM_VAL + 1):
+    name = imagenet_archives.val_name(i)
+    val_files.append((name, damage(name, _encode(rng, *ODD_VAL.get(i, ('rgb', None))))))
+    manifest['validation'][name] = val_synsets[i - 1]
+  imagenet_archives.write_val_archive(manual_dir, val_files)
   return manifest
 
 
@@ -135,5 +122,5 @@ def tiny_imagenet(tmp_path_factory):
   config.data_dir = os.fspath(root / 'data')
   config.manual_dir = os.fspath(root / 'manual')
   config.image_size = 32
-  label_index = {synset: i for i, synset in enumerate(_tfds_labels('labels.txt'))}
+  label_index = {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
   return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index)

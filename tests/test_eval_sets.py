@@ -31,6 +31,7 @@ from bn_inception import convert
 from bn_inception import ensemble
 from bn_inception import errors
 from bn_inception import evaluate
+from bn_inception import imagenet_archives
 from bn_inception import input_pipeline
 from bn_inception import models
 from bn_inception import predictions
@@ -156,7 +157,7 @@ def test_real_holds_the_published_label_sets(sets, evaluated):
   assert sorted(real.ids.tolist()) == ids
   # The label sets and original labels, from real.json and TFDS's validation labels directly.
   index = {name: int(name[15:23]) - 1 for name in ids}
-  class_names = imagenet_fixture._tfds_labels('labels.txt')  # pylint: disable=protected-access
+  class_names = imagenet_archives.tfds_labels('labels.txt')
   for example_id, label, label_set in zip(real.ids, real.labels, real.real_labels):
     assert np.flatnonzero(label_set).tolist() == sorted(sets['real_json'][index[example_id]])
     synset = sets['manifest']['validation'][example_id]

@@ -416,7 +416,7 @@ def _stream(config, shuffle, seed, count):
   files' stored order read independently of the pipeline."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
-  instructions = tfds_pipeline._builder(config).info.splits['train'].file_instructions
+  instructions = tfds_pipeline.prepared_builder(config).info.splits['train'].file_instructions
   stored = {}
   for file in sorted({i.filename for i in instructions}):
     for index, record in enumerate(tf.data.TFRecordDataset(file).as_numpy_iterator()):
