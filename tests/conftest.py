@@ -1,21 +1,28 @@
-"""Test-wide JAX setup: 8 simulated CPU devices for the sharding tests, fast compilation.
+"""Test-wide JAX setup: 8 simulated CPU devices for the sharding tests, fast compilation, one
+compilation cache.
 
-XLA_FLAGS must be set before JAX initialises its backends, so it is set at import time here.
+Set in the environment at import time, before JAX initialises its backends, so that every process
+a test starts (training and evaluation commands, several hosts) inherits the same setup: the same
+programs for the same configs, compiled once for the whole suite.
 """
 
 import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The tests run small networks for a few steps: compile time dominates, not run time.
+os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
+# Many tests compile the same small training step, in this process or in those they start.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(REPO, '.pytest_cache', 'jax')
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import jax  # noqa: E402
 
-# The tests run small networks for a few steps: compile time dominates, not run time.
+# In case a plugin imported JAX before the environment above was set.
 jax.config.update('jax_disable_most_optimizations', True)
-
-# Many tests compile the same small training step: keep compiled programs across tests and runs.
-jax.config.update('jax_compilation_cache_dir',
-                  os.path.join(os.path.dirname(__file__), '..', '.pytest_cache', 'jax'))
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)

@@ -30,22 +30,15 @@ from bn_inception import train
 from bn_inception.predictions import Predictions
 from configs import default
 import imagenet_fixture
-from test_train import tiny_config
+from test_train import tiny_config, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# tiny_config() as command-line overrides, so that a subprocess resumes the module's run.
-TINY_FLAGS = ['--config=configs/bn_x30.py:digits', '--config.model.width=0.125',
-              '--config.model.bn_group_size=2', '--config.batch_size=16',
-              '--config.eval_batch_size=64', '--config.num_train_steps=4',
-              '--config.log_every_steps=2', '--config.eval_every_steps=2',
-              '--config.checkpoint_every_steps=2', '--config.dataset.image_size=32']
+TINY_FLAGS = tiny_flags()
 
 
 def run_command(module, *args, timeout=300):
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu', XLA_FLAGS='',
-             JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.pytest_cache', 'jax'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  # The tests' 8 devices (conftest.py): the programs of the module's in-process run.
+  env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, '-m', module, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
 import pytest
 
@@ -63,9 +62,7 @@ def train_command(workdir, **overrides):
 
 def environment(devices_per_process=4):
   return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
-              JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=REPO,
-              JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', PYTHONUNBUFFERED='1')
+              PYTHONPATH=REPO, PYTHONUNBUFFERED='1')
 
 
 class Processes:

@@ -35,23 +35,29 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TRAIN = 1437  # examples in the digits training split
 
 
+# BN-x30 at the digits scale, shrunk to a network that compiles and steps in seconds.
+TINY = {'model.width': 0.125, 'model.bn_group_size': 2, 'batch_size': 16, 'eval_batch_size': 64,
+        'num_train_steps': 4, 'log_every_steps': 2, 'eval_every_steps': 2,
+        'checkpoint_every_steps': 2, 'dataset.image_size': 32}
+
+
 def tiny_config(**overrides):
-  """BN-x30 at the digits scale, shrunk to a network that compiles and steps in seconds."""
+  """TINY with overrides ('model.width': ...)."""
   c = bn_x30.get_config('digits')
-  c.model.width = 0.125
-  c.model.bn_group_size = 2
-  c.batch_size = 16
-  c.eval_batch_size = 64
-  c.num_train_steps = 4
-  c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
-  c.dataset.image_size = 32
-  for key, value in overrides.items():
+  for key, value in {**TINY, **overrides}.items():
     target = c
     *path, last = key.split('.')
     for p in path:
       target = target[p]
     target[last] = value
   return c
+
+
+def tiny_flags(**overrides):
+  """tiny_config(**overrides) as command-line arguments: a command the tests start compiles the
+  programs of the same config in the tests' process (conftest.py's shared cache)."""
+  return ['--config=configs/bn_x30.py:digits',
+          *(f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items())]
 
 
 def ema_config(**overrides):
@@ -293,11 +299,10 @@ def test_one_and_eight_devices_take_the_same_steps():
 
 def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'run'
-  args = [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py:digits',
-          f'--workdir={workdir}', '--config.num_train_steps=100000', '--config.log_every_steps=1',
-          '--config.model.width=0.125', '--config.batch_size=16', '--config.model.bn_group_size=2',
-          '--config.checkpoint_every_steps=100000', '--config.eval_every_steps=100000']
-  env = dict(os.environ, XLA_FLAGS='', JAX_DISABLE_MOST_OPTIMIZATIONS='1', PYTHONPATH=REPO)
+  args = [sys.executable, '-m', 'bn_inception.main', f'--workdir={workdir}',
+          *tiny_flags(num_train_steps=100000, log_every_steps=1, checkpoint_every_steps=100000,
+                      eval_every_steps=100000)]
+  env = dict(os.environ, PYTHONPATH=REPO)
   proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT)
   try:
