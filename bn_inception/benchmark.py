@@ -252,18 +252,18 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   train.check_memory(config, config.batch_size, mesh, training=mode == 'train')
   program = train.setup(config, input_pipeline.SYNTHETIC_INFO.num_train_examples, mesh)
   if mode == 'train':
-    jitted, carry = program.train_step, program.state
+    jitted, carry, args = program.train_step, program.state, (program.hyperparameters,)
   else:
-    jitted, carry = program.eval_step, train.eval_variables(program.state)
+    jitted, carry, args = program.eval_step, train.eval_variables(program.state), ()
   batch = synthetic_batch(config, mesh, crops=mode == 'eval')
 
   # --- Compile once, warm up, time -----------------------------------------------------------
   start = time.perf_counter()
-  compiled = jitted.lower(carry, batch).compile()
+  compiled = jitted.lower(carry, batch, *args).compile()
   compile_s = time.perf_counter() - start
   train.wait_for_all_processes('compiled')
   if mode == 'train':
-    step_fn = compiled
+    step_fn = lambda state, batch: compiled(state, batch, *args)
   else:  # the same variables every step
     step_fn = lambda variables, batch: (variables, compiled(variables, batch))
   carry = time_steps(step_fn, carry, batch, warmup_steps)[0]

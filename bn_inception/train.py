@@ -56,21 +56,33 @@ class TrainState:
 # ------------------------------------------------------------------------------------------------
 # Optimisation.
 # ------------------------------------------------------------------------------------------------
-def learning_rate_schedule(config: ml_collections.ConfigDict,
-                           num_train_examples: int) -> Callable[[jax.Array], jax.Array]:
+def hyperparameters(config: ml_collections.ConfigDict) -> dict[str, np.float32]:
+  """The optimiser's values, passed to the jitted training step as arguments rather than compiled
+  into it as constants: runs that differ only in them (BN-x5 and BN-x30, a resume at another
+  rate) share one compiled program. `learning_rate` is per step (the config's per 32 images, scaled
+  to the batch)."""
+  return {'learning_rate': np.float32(config.learning_rate * config.batch_size / PAPER_BATCH),
+          'lr_decay_factor': np.float32(config.lr_decay_factor),
+          'weight_decay': np.float32(config.weight_decay),
+          'momentum': np.float32(config.momentum)}
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_train_examples: int,
+                           hyper: Optional[dict] = None) -> Callable[[jax.Array], jax.Array]:
   """The paper's per-32-image rate scaled to the batch, staircase-decayed every lr_decay_epochs.
 
   lr(step) = learning_rate * batch_size / 32 * lr_decay_factor ** floor(epoch / lr_decay_epochs)
   * min(1, (step + 1) / warmup_steps), with epoch = step * batch_size / num_train_examples. It
   depends on the step alone. The warm-up multiplies the decay rather than preceding it (as
   optax.join_schedules would, restarting the decay's count), so decays fall on the same epochs
-  with or without warm-up.
+  with or without warm-up. `hyper`: hyperparameters(config), or traced values of them.
   """
+  hyper = hyperparameters(config) if hyper is None else hyper
   steps_per_epoch = num_train_examples / config.batch_size
-  decay = optax.exponential_decay(
-      config.learning_rate * config.batch_size / PAPER_BATCH,
-      transition_steps=config.lr_decay_epochs * steps_per_epoch,
-      decay_rate=config.lr_decay_factor, staircase=True)
+  decay_steps = config.lr_decay_epochs * steps_per_epoch
+  # optax.exponential_decay(staircase=True)'s arithmetic, which takes no traced decay rate.
+  decay = lambda step: hyper['learning_rate'] * hyper['lr_decay_factor'] ** jnp.floor(
+      step / decay_steps)
   warmup_steps = config.warmup_epochs * steps_per_epoch
   if warmup_steps <= 1:
     return decay
@@ -79,16 +91,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict,
   return lambda step: warmup(step) * decay(step)
 
 
-def optimizer(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
+def optimizer(config: ml_collections.ConfigDict, schedule,
+              hyper: Optional[dict] = None) -> optax.GradientTransformation:
   """SGD with momentum (heavy-ball, or Nesterov's with config.nesterov) and L2 on the kernels.
 
   The L2 term 0.5 * weight_decay * |kernel|^2 enters as its gradient, weight_decay * kernel, added
   to the gradient before the momentum: the arithmetic of adding the term to the loss, while the
-  loss that is logged stays the cross-entropy.
+  loss that is logged stays the cross-entropy. `hyper` as for learning_rate_schedule.
   """
+  hyper = hyperparameters(config) if hyper is None else hyper
   return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=decayed),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov))
+      optax.add_decayed_weights(hyper['weight_decay'], mask=decayed),
+      optax.sgd(schedule, momentum=hyper['momentum'], nesterov=config.nesterov))
 
 
 def decayed(params):
@@ -133,9 +147,13 @@ def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> 
   return models.normalize_pixels((images + 1) * 127.5, convention)
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule,
-               ema_decay: Optional[float],
+def train_step(state: TrainState, batch: dict, hyper: dict, *, model, config,
+               num_train_examples: int,
                convention: Optional[InputConvention] = None) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch; `hyper`: hyperparameters(config), as arguments."""
+  schedule = learning_rate_schedule(config, num_train_examples, hyper)
+  tx = optimizer(config, schedule, hyper)
+  ema_decay = config.ema_decay
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   images = to_model_input(batch['image'], convention)
 
@@ -379,7 +397,8 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
 class Program(NamedTuple):
   model: nn.Module
   state: TrainState  # freshly initialised, replicated over the mesh
-  train_step: Callable  # (state, batch) -> (state, metrics); the state is donated
+  train_step: Callable  # (state, batch, hyperparameters) -> (state, metrics); the state is donated
+  hyperparameters: dict  # the train_step's third argument
   eval_step: Callable  # (variables, batch) -> sums of correct top-1/top-5, loss, count
 
 
@@ -388,21 +407,20 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
   """The network, its initial state and the jitted steps, as training runs them (and
   bn_inception.benchmark times them): state replicated and donated, batches sharded over 'data'."""
   model = models.from_config(config.model)
-  schedule = learning_rate_schedule(config, num_train_examples)
-  tx = optimizer(config, schedule)
+  tx = optimizer(config, learning_rate_schedule(config, num_train_examples))  # for its state
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = functools.partial(create_train_state, config, model, tx, config.dataset.image_size)
   state = jax.jit(init, out_shardings=replicated)()
   convention = input_convention(config)
   train_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        ema_decay=config.ema_decay, convention=convention),
-      in_shardings=(replicated, None), out_shardings=(replicated, replicated),
+      functools.partial(train_step, model=model, config=config,
+                        num_train_examples=num_train_examples, convention=convention),
+      in_shardings=(replicated, None, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
       eval_step, model=model, convention=convention,
       crop_weights=data_spec.crop_weights(config.dataset.eval_crops)), out_shardings=replicated)
-  return Program(model, state, train_fn, eval_fn)
+  return Program(model, state, train_fn, hyperparameters(config), eval_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,7 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f'batch_size {config.batch_size:,} is larger than the training split '
         f'({info.num_train_examples:,} examples of {config.dataset.name}): use at most '
         f'{info.num_train_examples:,}.')
-  model, state, train_fn, eval_fn = setup(config, info.num_train_examples, mesh)
+  model, state, train_fn, hyper, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
   # Every check comes before the first write: a refused run changes no file in the workdir. One
@@ -617,12 +635,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if interval_start is None:  # compile before timing, and say so
         logging.info('Compiling the training step...')
         t = time.perf_counter()
-        train_fn = train_fn.lower(state, batch).compile()
+        train_fn = train_fn.lower(state, batch, hyper).compile()
         logging.info('Compiled in %.1f s.', time.perf_counter() - t)
         wait_for_all_processes('compiled')
         interval_start = time.perf_counter()
 
-      state, step_metrics = train_fn(state, batch)
+      state, step_metrics = train_fn(state, batch, hyper)
       step += 1
       interval_steps += 1
       pending.append(step_metrics)

@@ -200,11 +200,13 @@ def test_ema_weights_are_evaluated_with_their_own_statistics(ema_run):
 @pytest.fixture
 def inf_learning_rate_from_step_3(monkeypatch):
   """The learning rate becomes inf at step 3, so that the parameters overflow with a finite loss and
-  finite gradients. No config may ask for that (config_checks refuses an inf decay factor): the
-  schedule is patched."""
-  schedule = train.learning_rate_schedule
-  monkeypatch.setattr(train, 'learning_rate_schedule', lambda config, n: (
-      lambda step: jnp.where(step >= 3, jnp.inf, schedule(config, n)(step))))
+  finite gradients: an inf decay factor, which no config may ask for (config_checks refuses it),
+  patched into the step's hyperparameters. ema_config decays between steps 2 and 3 (inf ** 0 = 1
+  before), and the step is the very program of ema_config's runs (its hyperparameters are
+  arguments)."""
+  hyperparameters = train.hyperparameters
+  monkeypatch.setattr(train, 'hyperparameters', lambda config: {
+      **hyperparameters(config), 'lr_decay_factor': np.float32(np.inf)})
 
 
 def overflowing(batch):
@@ -227,7 +229,7 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   history = [jax.device_get(program.state)]
   state = program.state
   for batch in batches:
-    state, step_metrics = program.train_step(state, batch)
+    state, step_metrics = program.train_step(state, batch, program.hyperparameters)
     history.append(jax.device_get(state))
     assert np.isfinite(step_metrics['loss'])  # the guard must look past the loss
 
@@ -246,9 +248,9 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   for s in history[4:]:
     assert_trees_equal(arrays(s), arrays(s3))
 
-  state, step_metrics = program.train_step(s0, overflowing(batches[0]))
+  state, step_metrics = program.train_step(s0, overflowing(batches[0]), program.hyperparameters)
   assert np.isfinite(step_metrics['loss'])
-  state, _ = program.train_step(state, batches[1])  # finite, yet frozen
+  state, _ = program.train_step(state, batches[1], program.hyperparameters)  # finite, yet frozen
   assert (int(state.step), int(state.nonfinite_step)) == (2, 0)
   assert_trees_equal(arrays(jax.device_get(state)), arrays(s0))
 
@@ -290,7 +292,7 @@ def test_one_and_eight_devices_take_the_same_steps():
     variables = lambda s: jax.device_get((s.params, s.batch_stats))
     state, initial = program.state, variables(program.state)
     for batch, _ in itertools.islice(global_train_batches(config, mesh), 3):
-      state, _ = program.train_step(state, batch)
+      state, _ = program.train_step(state, batch, program.hyperparameters)
     assert len(state.params['logits']['kernel'].sharding.device_set) == len(devices)
     changes.append(jax.tree.map(np.subtract, variables(state), initial))
   for one, eight in zip(leaves(changes[0]), leaves(changes[1]), strict=True):
@@ -451,3 +453,17 @@ def test_evaluation_inside_training_counts_crops_in_its_batch():
   assert set(shapes) == {(32, 126, 8, 8, 3)} and result['eval_examples'] == 1000
   assert train.eval_batch_size(tiny_config(eval_batch_size=64), '10', mesh) == 8  # 6, rounded up
   assert train.eval_batch_size(tiny_config(eval_batch_size=None), 'center', mesh) == 16
+
+
+def test_optimiser_values_are_arguments_of_one_compiled_step():
+  """Runs that differ only in learning rate, decay factor, weight decay or momentum (BN-x5 and
+  BN-x30, a resume at another rate) lower to the same program, compiled once for all of them; the
+  values still take effect (the inf rate of the divergence tests above)."""
+  mesh = train.make_mesh()
+  programs = []
+  for config in (ema_config(), ema_config(learning_rate=0.3, lr_decay_factor=0.5,
+                                          weight_decay=0.1, momentum=0.5)):
+    program = train.setup(config, DIGITS_TRAIN, mesh)
+    batch, _ = next(global_train_batches(config, mesh))
+    programs.append(program.train_step.lower(program.state, batch, program.hyperparameters))
+  assert programs[0].as_text() == programs[1].as_text()
