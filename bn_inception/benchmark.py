@@ -305,8 +305,9 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
 
 
 def synthetic_batch(config, mesh, crops: bool) -> dict[str, jax.Array]:
-  """Random images in [-1, 1] (the input pipeline's range) and labels, made on the devices and
-  sharded over 'data' as `train.global_batches` shards real ones. `crops`: eval's [B, 1, H, W, 3]."""
+  """Random images and labels, made on the devices and sharded over 'data' as
+  `train.global_batches` shards real ones: uint8 pixels for training (the TFDS loaders' training
+  crops, which the step distorts), float32 in [-1, 1] for evaluation ([B, 1, H, W, 3])."""
   b, s = config.batch_size, config.dataset.image_size
   shape = (b, 1, s, s, 3) if crops else (b, s, s, 3)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
@@ -314,7 +315,9 @@ def synthetic_batch(config, mesh, crops: bool) -> dict[str, jax.Array]:
   @functools.partial(jax.jit, out_shardings=sharding)
   def make(key):
     image_key, label_key = jax.random.split(key)
-    batch = {'image': jax.random.uniform(image_key, shape, jnp.float32, -1, 1),
+    image = (jax.random.uniform(image_key, shape, jnp.float32, -1, 1) if crops else
+             jax.random.randint(image_key, shape, 0, 256).astype(jnp.uint8))
+    batch = {'image': image,
              'label': jax.random.randint(label_key, (b,), 0, config.model.num_classes)}
     if crops:
       batch['mask'] = jnp.ones((b,), bool)

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from bn_inception import augment
 from bn_inception import checkpoints
 from bn_inception import data_spec
 from bn_inception import config_checks
@@ -127,7 +128,10 @@ def input_convention(config: ml_collections.ConfigDict) -> Optional[InputConvent
 
 
 def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> jax.Array:
-  """Pipeline images in [-1, 1] -> the convention the weights were trained with (on device)."""
+  """Pipeline images -> the convention the weights were trained with (on device): float images in
+  [-1, 1], or uint8 pixels (the TFDS loaders' training crops)."""
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 127.5 - 1
   if convention is None:
     return images
   return models.normalize_pixels((images + 1) * 127.5, convention)
@@ -135,9 +139,16 @@ def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule,
                ema_decay: Optional[float],
-               convention: Optional[InputConvention] = None) -> tuple[TrainState, dict]:
+               convention: Optional[InputConvention] = None,
+               distortion_strength: float = 0.0) -> tuple[TrainState, dict]:
+  """One step. `distortion_strength` > 0: the batch's images are uint8 pixels, colour-distorted
+  here (augment), each example from the step's key and its index in the global batch."""
+  images = batch['image']
+  if distortion_strength > 0:  # else not even compiled
+    keys = augment.example_keys(state.rng, state.step, images.shape[0])
+    images = augment.distort_colour(images, keys, distortion_strength) * 2 - 1
+  images = to_model_input(images, convention)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  images = to_model_input(batch['image'], convention)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -396,7 +407,8 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
   convention = input_convention(config)
   train_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        ema_decay=config.ema_decay, convention=convention),
+                        ema_decay=config.ema_decay, convention=convention,
+                        distortion_strength=input_pipeline.distortion_strength(config.dataset)),
       in_shardings=(replicated, None), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
