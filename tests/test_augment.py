@@ -104,7 +104,10 @@ def test_examples_draw_from_their_index_not_from_the_devices():
       pixels, keys)
   assert len(sharded.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(sharded), whole)
-  # Example i's distortion is its own: the same alone as within the batch, new at another step.
+  # Example i's distortion is its own: drawn from its own key, the same alone as within the batch,
+  # new at another step.
+  amounts, _ = jax.vmap(lambda key: augment.draw(key, 1.0))(keys)
+  assert len(np.unique(np.asarray(amounts)[:, 0])) == len(pixels)
   alone = augment.distort_colour(pixels[5:6], keys[5:6], 1.0)
   np.testing.assert_allclose(alone[0], whole[5], atol=ULPS)
   other_step = augment.example_keys(jax.random.PRNGKey(3), 6, len(pixels))
