@@ -130,7 +130,8 @@ def distort_image(image, amounts, order):
 
 
 def example_keys(rng, step, batch_size: int):
-  """The distortions' key of each example of the global batch at `step`: fold_in(step key, index)."""
+  """The distortions' key of each example of the global batch at `step`: the step's key folded
+  with the example's index."""
   step_key = jax.random.fold_in(jax.random.fold_in(rng, _STREAM), step)
   return jax.vmap(lambda index: jax.random.fold_in(step_key, index))(jnp.arange(batch_size))
 

@@ -221,10 +221,10 @@ def train_batches(dataset_config, *, local_batch_size: int, seed: int, start_ste
   """This host's part of every global training batch from start_step on, endlessly.
 
   Items: {'image': [local_batch_size, S, S, 3], 'label': int32 [local_batch_size]} (numpy;
-  jax.Arrays already on the device for 'synthetic'); images are uint8 pixels, undistorted, for TFDS
-  data sets (see `distortion_strength`), float32 in [-1, 1] for the others. Batches are a function of
-  (seed, step, process_index, process_count, local_batch_size) only, so a resumed run continues
-  exactly. Epochs reshuffle with a seed derived from (seed, epoch).
+  jax.Arrays already on the device for 'synthetic'); images are uint8 pixels, undistorted, for
+  TFDS data sets (see `distortion_strength`), float32 in [-1, 1] for the others. Batches are a
+  function of (seed, step, process_index, process_count, local_batch_size) only, so a resumed run
+  continues exactly. Epochs reshuffle with a seed derived from (seed, epoch).
   """
   process_index, process_count = _processes(process_index, process_count)
   return _source(dataset_config).train(

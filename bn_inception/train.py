@@ -6,9 +6,10 @@ devices of all hosts, the train state is replicated and donated. Batch-norm stat
 device shards they need no communication and the result does not depend on the device count.
 
 A run is a pure function of its config and its step: the learning rate depends on the step alone, the
-input pipeline reproduces the batches of any step, and dropout keys are folded from the step. So a run
-restarted from a checkpoint continues exactly as if it had never stopped, and a finished run extended
-with a larger `num_train_steps` continues as if launched with that length.
+input pipeline reproduces the batches of any step, and dropout and colour-distortion keys are folded
+from the step. So a run restarted from a checkpoint continues exactly as if it had never stopped,
+and a finished run extended with a larger `num_train_steps` continues as if launched with that
+length.
 """
 
 import functools
@@ -50,7 +51,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # Polyak/EMA weights, None when config.ema_decay is None
   ema_batch_stats: Any  # the EMA of batch_stats: the BN statistics of the EMA weights (or None)
-  rng: jax.Array  # dropout keys are fold_in(rng, step)
+  rng: jax.Array  # dropout keys are fold_in(rng, step); colour distortions: augment.example_keys
   nonfinite_step: jax.Array  # first step with a non-finite loss, gradient or new state; -1: none
 
 
