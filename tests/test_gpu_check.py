@@ -111,7 +111,9 @@ def test_feed_step_without_photographs_is_skipped_with_what_to_do(tmp_path):
 @pytest.mark.skipif(not os.environ.get('BN_GPU_CHECK_SMOKE'),
                     reason='every step of the smoke plan: set BN_GPU_CHECK_SMOKE=1 (~10 min)')
 def test_every_step_of_the_smoke_plan(tmp_path):
-  out, _ = smoke(tmp_path)
+  photos = tmp_path / 'photos'
+  gpu_check.prepare_photos(str(photos), num_train=12, num_val=2)
+  out, _ = smoke(tmp_path, extra=[f'--photos={photos}'])
   records = check_results(out, [s.name for s in gpu_check.plan(smoke=True)])
   by_step = {r['step']: r for r in records}
   # Programs another step compiled come from the call's compilation cache.
