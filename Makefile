@@ -49,10 +49,10 @@ GPU_WHEELS := scripts/gpu_wheels.txt
 PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
 gpu-wheels:
 	rm -rf .whl
-	grep -v -e '^#' -e '^$$' -e '^pretrainedmodels==' $(GPU_WHEELS) | cut -d' ' -f1 | xargs \
+	grep -v -e '^#' -e '^$$' -e '^pretrainedmodels==' -e '^promise==' $(GPU_WHEELS) | cut -d' ' -f1 | xargs \
 	  $(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp $(PLATFORMS) -d .whl
-	grep -o '^pretrainedmodels==[^ ]*' $(GPU_WHEELS) | xargs $(PYTHON) -m pip wheel --quiet --no-deps -w .whl
+	grep -o -e '^pretrainedmodels==[^ ]*' -e '^promise==[^ ]*' $(GPU_WHEELS) | xargs $(PYTHON) -m pip wheel --quiet --no-deps -w .whl
 	ls -l .whl
 
 clean:

@@ -10,6 +10,8 @@ JSON line):
   * 'eval': `train.eval_step` (one centre crop) on the training state's population statistics.
   * 'input': the host input pipeline alone (`input_pipeline.train_batches`), in img/s per CPU core;
     for TFDS data sets both loaders (tf.data, Grain) at 1 and 2 cores (`input_benchmark`).
+  * 'feed': the training step fed by the input pipeline from config's data set, against the same
+    step on one batch already on the device (`input_benchmark.run_feed`).
   * 'decode': the TensorFlow-free JPEG decoders on one core (`decode_benchmark`), on the JPEGs of
     config.dataset.manual_dir's training archive; `steps` images.
 
@@ -17,7 +19,8 @@ JSON line):
 BN-Inception's network), channels-last, bf16 autocast, `torch.compile` on CUDA, SGD with momentum.
 Our side should then be the port's architecture (`like_port`, see `benchmark_config`).
 
-Outside mode 'input' no data set is read and TensorFlow is not imported (tests/test_benchmark.py).
+Outside modes 'input' and 'feed' no data set is read and TensorFlow is not imported
+(tests/test_benchmark.py).
 """
 
 import datetime
@@ -46,7 +49,7 @@ from bn_inception import input_benchmark
 from bn_inception import input_pipeline
 from bn_inception import train
 
-MODES = ('train', 'eval', 'input', 'decode')
+MODES = ('train', 'eval', 'input', 'decode', 'feed')
 PEERS = ('torch',)
 
 # Dense (no sparsity) peak FLOP/s of one device, by a substring of its lower-cased device_kind (first
@@ -180,6 +183,9 @@ def run(config: ml_collections.ConfigDict, *, mode: str = 'train', steps: int = 
     return {**describe(config, mode, steps, warmup_steps),
             **decode_benchmark.run_decode(config.dataset.manual_dir, num_images=steps,
                                           image_size=config.dataset.image_size)}
+  if mode == 'feed':
+    return {**describe(config, mode, steps, warmup_steps),
+            **input_benchmark.run_feed(config, steps=steps, warmup_steps=warmup_steps)}
   if mode == 'input':
     if input_pipeline.DATASETS.get(config.dataset.name, input_pipeline.TFDS) is input_pipeline.TFDS:
       measured = input_benchmark.compare_loaders(config, steps=steps, warmup_steps=warmup_steps)
@@ -305,8 +311,9 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
 
 
 def synthetic_batch(config, mesh, crops: bool) -> dict[str, jax.Array]:
-  """Random images in [-1, 1] (the input pipeline's range) and labels, made on the devices and
-  sharded over 'data' as `train.global_batches` shards real ones. `crops`: eval's [B, 1, H, W, 3]."""
+  """Random images and labels, made on the devices and sharded over 'data' as
+  `train.global_batches` shards real ones: uint8 pixels for training (the TFDS loaders' training
+  crops, which the step distorts), float32 in [-1, 1] for evaluation ([B, 1, H, W, 3])."""
   b, s = config.batch_size, config.dataset.image_size
   shape = (b, 1, s, s, 3) if crops else (b, s, s, 3)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
@@ -314,7 +321,9 @@ def synthetic_batch(config, mesh, crops: bool) -> dict[str, jax.Array]:
   @functools.partial(jax.jit, out_shardings=sharding)
   def make(key):
     image_key, label_key = jax.random.split(key)
-    batch = {'image': jax.random.uniform(image_key, shape, jnp.float32, -1, 1),
+    image = (jax.random.uniform(image_key, shape, jnp.float32, -1, 1) if crops else
+             jax.random.randint(image_key, shape, 0, 256).astype(jnp.uint8))
+    batch = {'image': image,
              'label': jax.random.randint(label_key, (b,), 0, config.model.num_classes)}
     if crops:
       batch['mask'] = jnp.ones((b,), bool)

@@ -1,5 +1,5 @@
 """The TensorFlow-free JPEG decoders, measured on one core: decode + Inception random-size crop +
-resize to uint8 S x S, with and without the numpy colour distortions.
+resize to uint8 S x S, and the Grain loader's own training preprocessing.
 
 `run_decode(manual_dir, ...)` reads the JPEGs of a training archive (scripts/make_photo_imagenet.py
 writes one of photographs), pins this process to one core and times each candidate on the same
@@ -57,21 +57,13 @@ def _simplejpeg(data, rng, size, dct_scaling):
   return np.asarray(Image.fromarray(window).resize((size, size), Image.BILINEAR))
 
 
-def _distorted(data, rng, size):
-  """simplejpeg with DCT scaling, flipped, colour-distorted at strength 1 as the Grain loader does."""
-  image = _simplejpeg(data, rng, size, dct_scaling=True)
-  if rng.random() < 0.5:
-    image = image[:, ::-1]
-  image = grain_pipeline.distort_colour(image.astype(np.float32) / 255, 1.0, rng)
-  return (image * 255).astype(np.uint8)
-
-
 CANDIDATES: dict[str, Callable[[bytes, np.random.Generator, int], np.ndarray]] = {
     'pillow': functools.partial(_pillow, draft=False),
     'pillow_draft': functools.partial(_pillow, draft=True),
     'simplejpeg': functools.partial(_simplejpeg, dct_scaling=False),
     'simplejpeg_dct_scaling': functools.partial(_simplejpeg, dct_scaling=True),
-    'simplejpeg_dct_scaling+numpy_distortions': _distorted,
+    # What the Grain loader does per training image: full-size decode, resampling, flip.
+    'grain_train_image': grain_pipeline.train_image,
 }
 
 

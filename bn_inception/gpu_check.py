@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,10 +41,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What the GPU machine's image lacks (the device README's KINDS.md) and the steps import, carried as
 # wheels in .whl/ (scripts/gpu_wheels.txt, `make gpu-wheels`).
-CARRIED_MODULES = ('ml_collections', 'tensorboardX', 'pretrainedmodels')
+CARRIED_MODULES = ('ml_collections', 'tensorboardX', 'pretrainedmodels', 'grain', 'simplejpeg',
+                   'tensorflow_datasets', 'array_record')
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'jax-cuda12-plugin', 'flax',
             'optax', 'orbax-checkpoint', 'ml-collections', 'numpy', 'torch', 'triton',
-            'pretrainedmodels', 'tensorboardX', 'scikit-learn')
+            'pretrainedmodels', 'tensorboardX', 'scikit-learn', 'grain', 'simplejpeg',
+            'tensorflow-datasets', 'array-record')
 MIN_STEP_S = 20  # a step is not started with less of the budget left than this
 LOG_CHARS = 200_000  # of each step's stderr, kept in OUT/gpu_check.log
 
@@ -64,19 +67,43 @@ class Step:
   argv: tuple[str, ...]  # the command after the Python interpreter, run from the repository root
   limit_s: float  # the step's own time limit (the call's budget may cut it shorter)
   archive: Optional[str] = None  # a directory the step writes, returned as OUT/<name>.tar.gz
+  needs: Optional[str] = None  # a path prepared beforehand; without it the step is skipped
+
+
+# The photograph set the feed step trains from, as array_record (`prepare_photos`, on a host with
+# TensorFlow: the GPU machine has none); a device call carries it ('.photos', about 25 MB).
+PHOTOS = os.path.join(REPO, '.photos')
+PHOTOS_TRAIN, PHOTOS_VAL = 500, 10
+
+
+def prepare_photos(photos: str = PHOTOS, num_train: int = PHOTOS_TRAIN,
+                   num_val: int = PHOTOS_VAL) -> None:
+  """Writes the photograph set (scripts/make_photo_imagenet.py) and prepares it as array_record in
+  photos/data with TFDS's imagenet2012 builder (TensorFlow needed), keeping only that."""
+  manual = os.path.join(photos, 'manual')
+  subprocess.run([sys.executable, 'scripts/make_photo_imagenet.py', manual,
+                  f'--num_train={num_train}', f'--num_val={num_val}'], cwd=REPO, check=True)
+  code = ('import sys; from bn_inception import input_pipeline; from configs import default; '
+          'c = default.get_config().dataset; '
+          'c.update(loader="grain", data_dir=sys.argv[1], manual_dir=sys.argv[2]); '
+          'print(input_pipeline.get_info(c))')
+  subprocess.run([sys.executable, '-c', code, os.path.join(photos, 'data'), manual], cwd=REPO,
+                 check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  shutil.rmtree(manual)
 
 
 # ------------------------------------------------------------------------------------------------
 # The steps.
 # ------------------------------------------------------------------------------------------------
-def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check') -> list[Step]:
+def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check', photos: str = PHOTOS) -> list[Step]:
   """The steps in order of value. `smoke`: the same commands at a tiny size for a CPU (one batch
-  size for all, so that the compiled programs repeat; the first XLA flag only)."""
+  size for all, so that the compiled programs repeat; the first XLA flag only). `photos`: the
+  prepared photograph set (`prepare_photos`)."""
 
-  def benchmark(name, limit_s, *args, batch=256, peer=False, port=True, archive=None):
+  def benchmark(name, limit_s, *args, batch=256, peer=False, port=True, archive=None, steps=50):
     size = (('--batch_size=4', '--image_size=32', '--steps=2', '--warmup_steps=1',
              '--config.model.bn_group_size=4') if smoke else
-            (f'--batch_size={batch}', '--steps=50', '--warmup_steps=5'))
+            (f'--batch_size={batch}', f'--steps={steps}', '--warmup_steps=5'))
     argv = ('scripts/benchmark.py', '--config=configs/bn_x30.py', '--dtype=bfloat16', *size,
             *(('--peer=torch',) if peer else ()), f'--like_port={str(port).lower()}', *args)
     return Step(name, argv, SMOKE_LIMIT_S if smoke else limit_s, archive)
@@ -92,6 +119,13 @@ def plan(smoke: bool = False, scratch: str = '/tmp/gpu_check') -> list[Step]:
       benchmark('train_b512', 120, batch=512),
       # The config's own network: the paper's separable stem, 'SAME' padding, no conv biases.
       benchmark('network_b256', 120, port=False),
+      # That step fed from photographs by the Grain loader on this host's cores (JPEG decoding,
+      # crops, flips; the colour distortions in the step), against it on one batch on the device.
+      dataclasses.replace(
+          benchmark('feed_grain_b256', 240, '--mode=feed', '--config.dataset.loader=grain',
+                    f'--config.dataset.data_dir={os.path.join(photos, "data")}',
+                    *(('--width=0.125',) if smoke else ()),  # no peer: compiles in seconds
+                    port=False, steps=30), needs=photos),
       # Evaluation, one centre crop (the training step's forward convolutions, autotuned already).
       *(benchmark(f'eval_b{b}', 90, '--mode=eval', batch=b) for b in (256, 128, 512)),
       # bfloat16 training is sound: the loss its runs reach against float32's.
@@ -225,6 +259,10 @@ def run(steps: Sequence[Step], out_dir: str, *, budget_s: float, scratch: str,
               'limit_s': step.limit_s, 'machine': brief}
     if remaining < MIN_STEP_S:
       record.update(status='skipped', reason=f'{remaining:.0f} s of the budget left')
+    elif step.needs and not os.path.exists(step.needs):
+      record.update(status='skipped', reason=(
+          f'{step.needs} is missing: run python scripts/gpu_check.py --prepare_photos where '
+          "TensorFlow is installed, and name '.photos' in the device call's carry list"))
     else:
       before = count_files(cache)
       record.update(run_step(step, min(step.limit_s, remaining), env, log_path))

@@ -2,12 +2,12 @@
 
 `config.dataset.loader='grain'` routes TFDS data sets here (`input_pipeline`); the interface and the
 semantics are tf.data's (`tfds_pipeline`): the same shuffling modes (data_spec.SHUFFLE), crops,
-flips, photometric distortions and exact evaluation, with TensorFlow-free JPEG decoding, so pixels
-differ slightly but the distributions agree. TensorFlow is imported only to prepare a data set
-(TFDS's builder writing array_record), once.
+flips and exact evaluation, with TensorFlow-free JPEG decoding, so pixels differ slightly but the
+distributions agree; the photometric distortions are the training step's (augment), for both.
+TensorFlow is imported only to prepare a data set (TFDS's builder writing array_record), once.
 
 Training is a Grain MapDataset over positions in the host's endless stream: position p reads the
-example the epoch's order puts there, with crop, flip and colours drawn from a generator seeded by
+example the epoch's order puts there, with crop and flip drawn from a generator seeded by
 (seed, host, p). A batch is thus a function of its step alone: a resumed run starts at its step's
 position, and Grain's threads do not change a pixel.
 
@@ -158,7 +158,7 @@ class _Split:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Decoding, cropping, distortions (numpy; the measured decoder is `decode_window`)
+# Decoding and cropping (numpy; the measured decoder is `decode_window`)
 # ---------------------------------------------------------------------------------------------------
 
 def decode_window(data: bytes, window_fn, min_size: int = 0) -> np.ndarray:
@@ -200,90 +200,31 @@ def _resample(image: np.ndarray, box, image_size: int) -> np.ndarray:
   top, left, bottom, right = box
   y0, y1, wy = _sample_points(top, bottom, image.shape[0], image_size)
   x0, x1, wx = _sample_points(left, right, image.shape[1], image_size)
-  upper = image[y0].astype(np.float32)
-  rows = upper + (image[y1] - upper) * wy[:, None, None]
-  return rows[:, x0] + (rows[:, x1] - rows[:, x0]) * wx[:, None]
+  # Only the 2 S columns the samples need, of the 2 S rows, as uint8, before any arithmetic: rows
+  # flattened to (column, channel) so that one `take` gathers them.
+  channels = np.arange(3)
+  columns = (np.concatenate([x0, x1])[:, None] * 3 + channels).ravel()
+  rows = image.reshape(image.shape[0], -1)
+  upper = np.take(rows[y0], columns, axis=1).astype(np.float32)
+  lower = np.take(rows[y1], columns, axis=1).astype(np.float32)
+  lower -= upper
+  lower *= wy[:, None]
+  upper += lower
+  left_samples, right_samples = upper.reshape(image_size, 2, image_size, 3).transpose(1, 0, 2, 3)
+  right_samples = right_samples - left_samples
+  right_samples *= wx[:, None]
+  right_samples += left_samples
+  return right_samples
 
 
-def _rgb_to_hcv(rgb):
-  """Hue in [0, 1), chroma (max - min) and value (max) of RGB pixels, any real values."""
-  value = rgb.max(-1)
-  chroma = value - rgb.min(-1)
-  safe = np.where(chroma > 0, chroma, 1)
-  r, g, b = np.moveaxis(rgb, -1, 0)
-  hue = np.where(value == r, (g - b) / safe, np.where(value == g, 2 + (b - r) / safe,
-                                                         4 + (r - g) / safe)) / 6
-  return np.where(chroma > 0, _wrapped(hue, 1), 0), chroma, value
-
-
-def _wrapped(x, period):
-  """x modulo period for x in [-period, 2 period) (cheaper than numpy's %)."""
-  return x + period * ((x < 0).astype(x.dtype) - (x >= period))
-
-
-def _hcv_to_rgb(hue, chroma, value):
-  sector = hue * 6
-  return np.stack([value - chroma * np.clip(np.minimum(k, 4 - k), 0, 1)
-                   for k in (_wrapped(sector + offset, 6) for offset in (5, 3, 1))], -1)
-
-
-# TensorFlow's colour adjustments (tf.image.adjust_*), on float RGB of any values.
-
-def adjust_brightness(image, delta):
-  return image + delta
-
-
-def adjust_saturation(image, factor):
-  """HSV's saturation scaled and clipped to [0, 1] (none where the value is not positive)."""
-  hue, chroma, value = _rgb_to_hcv(image)
-  positive = value > 0
-  saturation = np.where(positive, chroma / np.where(positive, value, 1), 0)
-  return _hcv_to_rgb(hue, value * np.clip(saturation * factor, 0, 1), value)
-
-
-def adjust_hue(image, delta):
-  """The hue turned by delta (a fraction of the circle), each pixel's largest and smallest
-  channel kept."""
-  hue, chroma, value = _rgb_to_hcv(image)
-  return _hcv_to_rgb(_wrapped(hue + delta, 1), chroma, value)
-
-
-def adjust_contrast(image, factor):
-  """Each channel scaled about its mean over the image."""
-  mean = image.mean((0, 1))
-  return (image - mean) * factor + mean
-
-
-def distort_colour(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-  """Brightness, saturation, hue and contrast, in a random order, on a float32 image in [0, 1], as
-  tfds_pipeline distorts: no clipping between them, the result clipped to [0, 1]."""
-  distortions = (
-      functools.partial(adjust_brightness, delta=rng.uniform(-1, 1) *
-                        data_spec.MAX_BRIGHTNESS_DELTA * strength),
-      functools.partial(adjust_saturation, factor=1 + rng.uniform(-1, 1) *
-                        data_spec.MAX_SATURATION_FACTOR * strength),
-      functools.partial(adjust_hue, delta=rng.uniform(-1, 1) * data_spec.MAX_HUE_DELTA * strength),
-      functools.partial(adjust_contrast, factor=1 + rng.uniform(-1, 1) *
-                        data_spec.MAX_CONTRAST_FACTOR * strength),
-  )
-  for position in rng.permutation(len(distortions)):
-    image = distortions[position](image)
-  return np.clip(image, 0, 1).astype(np.float32)
-
-
-def train_image(data: bytes, rng: np.random.Generator, image_size: int,
-                distortion_strength: float) -> np.ndarray:
-  """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
+def train_image(data: bytes, rng: np.random.Generator, image_size: int) -> np.ndarray:
+  """Inception-style training crop of an encoded image, flipped at random: uint8 [S, S, 3] (the
+  training step distorts its colours: augment)."""
   # Decoded at full size (no DCT-domain downscaling), as TensorFlow decodes: downscaling while
   # decoding averages pixels, and the images would come out smoother than tf.data's.
   window = decode_window(data, functools.partial(data_spec.random_window, rng))
-  image = _resample(window, (0, 0, *window.shape[:2]), image_size)
-  if rng.random() < 0.5:
-    image = image[:, ::-1]
-  image = image / 255
-  if distortion_strength > 0:
-    image = distort_colour(image, distortion_strength, rng)
-  return image * 2 - 1
+  image = np.rint(_resample(window, (0, 0, *window.shape[:2]), image_size)).astype(np.uint8)
+  return image[:, ::-1] if rng.random() < 0.5 else image
 
 
 def eval_image(data: bytes, image_size: int, crops: str) -> np.ndarray:
@@ -336,8 +277,7 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
     epoch, offset = divmod(position, epoch_size)
     index = order(epoch)[offset]
     rng = np.random.default_rng([seed, process_index, position, 1])
-    example, image = split.decoded(index, lambda data: train_image(
-        data, rng, config.image_size, config.distortion_strength))
+    example, image = split.decoded(index, lambda data: train_image(data, rng, config.image_size))
     return {'image': image, 'label': np.int32(example[split.keys[1]])}
 
   start = start_step * local_batch_size

@@ -7,6 +7,9 @@ from config.dataset.manual_dir) and then times `run_input` in one fresh process 
 Grain start a thread, so their thread pools are bounded to those cores.
 
   python -m bn_inception.input_benchmark  # a child: reads its job as JSON on stdin
+
+`run_feed(config, ...)` times the training step fed by the input pipeline (on this host's cores),
+against the same step on one batch already on the device (what `benchmark --mode=train` times).
 """
 
 import json
@@ -76,7 +79,7 @@ def compare_loaders(config, *, steps: int, warmup_steps: int,
 
 
 def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
-  """Host-side img/s of the training input pipeline (decode, crop, distort, batch), per CPU core
+  """Host-side img/s of the training input pipeline (decode, crop, flip, batch), per CPU core
   this process may use (restrict them with taskset to measure scaling)."""
   # Here only: for TFDS data sets the pipeline imports TensorFlow.
   from bn_inception import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -103,6 +106,56 @@ def run_input(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
       'compile_s': None,
       'mfu': None,
       'peak_memory_bytes': None,
+  }
+
+
+def run_feed(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
+  """img/s of the training step fed by the input pipeline, and of the same compiled step on one
+  fed batch again and again (no input: the device's own speed), on every device of the host."""
+  # Here only: the benchmark's other modes build no input pipeline.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from bn_inception import input_pipeline
+  from bn_inception import train
+  mesh = train.make_mesh()
+  train.check_batch(config.batch_size, config.model.bn_group_size, mesh)
+  info = input_pipeline.get_info(config.dataset)
+  program = train.setup(config, info.num_train_examples, mesh)
+  start = time.perf_counter()
+  batches = train.global_batches(input_pipeline.train_batches(
+      config.dataset, local_batch_size=config.batch_size // jax.process_count(),
+      seed=config.seed), mesh, ('image', 'label'))
+  first, _ = next(batches)
+  startup_s = time.perf_counter() - start
+  start = time.perf_counter()
+  step = program.train_step.lower(program.state, first, program.hyperparameters).compile()
+  compile_s = time.perf_counter() - start
+  state = program.state
+
+  def timed(next_batch, count):
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(count):
+      state, _ = step(state, next_batch(), program.hyperparameters)
+    jax.block_until_ready(state)
+    return time.perf_counter() - start
+
+  timed(lambda: next(batches)[0], warmup_steps)
+  fed_s = timed(lambda: next(batches)[0], steps)
+  device_s = timed(lambda: first, steps)
+  return {
+      'dataset': config.dataset.name,
+      'loader': config.dataset.loader,
+      'img_per_s': config.batch_size * steps / fed_s,
+      'step_ms': fed_s / steps * 1e3,
+      'device_only_img_per_s': config.batch_size * steps / device_s,
+      'fed_vs_device_only': device_s / fed_s,
+      'host_cores': len(os.sched_getaffinity(0)),
+      'distortion_strength': input_pipeline.distortion_strength(config.dataset),
+      'startup_s': startup_s,
+      'compile_s': compile_s,
+      'mfu': None,
+      'peak_memory_bytes': (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use'),
   }
 
 

@@ -13,7 +13,9 @@ of padded evaluation batches) is in `data_spec.py`, which both import.
 
 `train_batches` is an endless iterator over this host's part of each global batch, deterministic in
 (seed, start_step): a run resumed at step k sees exactly the batches k, k+1, ... of an uninterrupted
-run. `eval_batches` yields every example of the split exactly once over all hosts, padded so that all
+run. TFDS data sets deliver the training crops undistorted, as uint8 pixels: the training step
+distorts their colours on the device (`augment`, at `distortion_strength(config)`).
+`eval_batches` yields every example of the split exactly once over all hosts, padded so that all
 hosts yield the same number of batches; `mask` is False on the padding and `id` names each example.
 """
 
@@ -156,6 +158,7 @@ class Source(NamedTuple):
   info: Callable[..., data_spec.DatasetInfo]
   train: Callable[..., Iterator[dict]]
   eval: Callable[..., Iterator[dict]]
+  distorted: bool = False  # training distorts the colours of its (uint8) images on the device
 
 
 def _from_tfds(function_name):
@@ -173,7 +176,8 @@ def _from_tfds(function_name):
   return call
 
 
-TFDS = Source(_from_tfds('get_info'), _from_tfds('train_batches'), _from_tfds('eval_batches'))
+TFDS = Source(_from_tfds('get_info'), _from_tfds('train_batches'), _from_tfds('eval_batches'),
+              distorted=True)
 
 # Any name not listed here is looked up in TFDS's catalogue.
 DATASETS = {
@@ -200,6 +204,12 @@ def _processes(process_index, process_count):
   return process_index, process_count
 
 
+def distortion_strength(dataset_config) -> float:
+  """The strength of the colour distortions the training step applies to the data set's batches:
+  config.distortion_strength for TFDS data sets, 0 (none compiled) for digits and synthetic."""
+  return dataset_config.distortion_strength if _source(dataset_config).distorted else 0.0
+
+
 def get_info(dataset_config) -> data_spec.DatasetInfo:
   """Number of classes and examples of the configured data set (prepares a TFDS one if needed)."""
   return _source(dataset_config).info(dataset_config)
@@ -210,10 +220,11 @@ def train_batches(dataset_config, *, local_batch_size: int, seed: int, start_ste
                   process_count: int | None = None) -> Iterator[dict]:
   """This host's part of every global training batch from start_step on, endlessly.
 
-  Items: {'image': float32 [local_batch_size, S, S, 3] in [-1, 1], 'label': int32 [local_batch_size]}
-  (numpy; jax.Arrays already on the device for 'synthetic'). Batches are a function of
-  (seed, step, process_index, process_count, local_batch_size) only, so a resumed run continues
-  exactly. Epochs reshuffle with a seed derived from (seed, epoch).
+  Items: {'image': [local_batch_size, S, S, 3], 'label': int32 [local_batch_size]} (numpy;
+  jax.Arrays already on the device for 'synthetic'); images are uint8 pixels, undistorted, for
+  TFDS data sets (see `distortion_strength`), float32 in [-1, 1] for the others. Batches are a
+  function of (seed, step, process_index, process_count, local_batch_size) only, so a resumed run
+  continues exactly. Epochs reshuffle with a seed derived from (seed, epoch).
   """
   process_index, process_count = _processes(process_index, process_count)
   return _source(dataset_config).train(

@@ -7,9 +7,9 @@ Training reads the TFRecord files TFDS prepared, in an order that depends only o
 that a resumed run skips straight to its position without decoding anything: every epoch shuffles
 the host's files and reads them in chunks of `files` files interleaved example by example; with
 thorough shuffling each chunk also goes through a buffer seeded per chunk. Whole chunks (and then
-records) are skipped to reach the start. Random crops, flips and colour distortions are stateless
-random ops seeded by (seed, host, position in the host's stream), so parallel decoding does not
-change a single pixel.
+records) are skipped to reach the start. Random crops and flips are stateless random ops seeded by
+(seed, host, position in the host's stream), so parallel decoding does not change a single pixel;
+the colour distortions are the training step's (augment).
 """
 
 import os
@@ -279,39 +279,14 @@ def _random_window(seed):
   return window
 
 
-def _distort_colour(image, strength, seed):
-  """Brightness, saturation, hue and contrast, in a random order, on an image in [0, 1]."""
-  seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 5))
-  brightness, hue = data_spec.MAX_BRIGHTNESS_DELTA * strength, data_spec.MAX_HUE_DELTA * strength
-  saturation = data_spec.MAX_SATURATION_FACTOR * strength
-  contrast = data_spec.MAX_CONTRAST_FACTOR * strength
-  distortions = (
-      lambda x: tf.image.stateless_random_brightness(x, brightness, seeds[0]),
-      lambda x: tf.image.stateless_random_saturation(
-          x, 1 - saturation, 1 + saturation, seeds[1]),
-      lambda x: tf.image.stateless_random_hue(x, hue, seeds[2]),
-      lambda x: tf.image.stateless_random_contrast(
-          x, 1 - contrast, 1 + contrast, seeds[3]),
-  )
-
-  # A random permutation, applied one position at a time: 4 x 4 branches to trace instead of 24 x 4.
-  order = tf.random.experimental.stateless_shuffle(tf.range(len(distortions)), seeds[4])
-  for position in range(len(distortions)):
-    image = tf.switch_case(order[position],
-                           [lambda distort=distort, x=image: distort(x) for distort in distortions])
-  return tf.clip_by_value(image, 0.0, 1.0)
-
-
-def train_image(data, seed, image_size: int, distortion_strength: float):
-  """Inception-style training preprocessing of an encoded image: float32 [S, S, 3] in [-1, 1]."""
-  crop_seed, flip_seed, colour_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+def train_image(data, seed, image_size: int):
+  """Inception-style training crop of an encoded image, flipped at random: uint8 [S, S, 3] (the
+  training step distorts its colours: augment)."""
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   image = _decode_window(data, _random_window(crop_seed))
   image = tf.image.resize(image, [image_size, image_size], method='bilinear')
   image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  image = image / 255
-  if distortion_strength > 0:
-    image = _distort_colour(image, distortion_strength, colour_seed)
-  return image * 2 - 1
+  return tf.cast(tf.round(image), tf.uint8)  # bilinear weights keep it in [0, 255]
 
 
 def eval_image(data, image_size: int, crops: str):
@@ -456,7 +431,7 @@ def train_batches(config, *, local_batch_size, seed, start_step, process_index, 
     example = parse(record)
     return {'image': train_image(example[image_key],
                                  tf.random.experimental.stateless_fold_in(example_seed, position),
-                                 config.image_size, config.distortion_strength),
+                                 config.image_size),
             'label': tf.cast(example[label_key], tf.int32)}
 
   ds = tf.data.Dataset.zip(tf.data.Dataset.counter(start), records)

@@ -6,9 +6,10 @@ devices of all hosts, the train state is replicated and donated. Batch-norm stat
 device shards they need no communication and the result does not depend on the device count.
 
 A run is a pure function of its config and its step: the learning rate depends on the step alone, the
-input pipeline reproduces the batches of any step, and dropout keys are folded from the step. So a run
-restarted from a checkpoint continues exactly as if it had never stopped, and a finished run extended
-with a larger `num_train_steps` continues as if launched with that length.
+input pipeline reproduces the batches of any step, and dropout and colour-distortion keys are folded
+from the step. So a run restarted from a checkpoint continues exactly as if it had never stopped,
+and a finished run extended with a larger `num_train_steps` continues as if launched with that
+length.
 """
 
 import functools
@@ -30,6 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from bn_inception import augment
 from bn_inception import checkpoints
 from bn_inception import data_spec
 from bn_inception import config_checks
@@ -49,7 +51,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # Polyak/EMA weights, None when config.ema_decay is None
   ema_batch_stats: Any  # the EMA of batch_stats: the BN statistics of the EMA weights (or None)
-  rng: jax.Array  # dropout keys are fold_in(rng, step)
+  rng: jax.Array  # dropout keys are fold_in(rng, step); colour distortions: augment.example_keys
   nonfinite_step: jax.Array  # first step with a non-finite loss, gradient or new state; -1: none
 
 
@@ -141,7 +143,10 @@ def input_convention(config: ml_collections.ConfigDict) -> Optional[InputConvent
 
 
 def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> jax.Array:
-  """Pipeline images in [-1, 1] -> the convention the weights were trained with (on device)."""
+  """Pipeline images -> the convention the weights were trained with (on device): float images in
+  [-1, 1], or uint8 pixels (the TFDS loaders' training crops)."""
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 127.5 - 1
   if convention is None:
     return images
   return models.normalize_pixels((images + 1) * 127.5, convention)
@@ -149,13 +154,20 @@ def to_model_input(images: jax.Array, convention: Optional[InputConvention]) -> 
 
 def train_step(state: TrainState, batch: dict, hyper: dict, *, model, config,
                num_train_examples: int,
-               convention: Optional[InputConvention] = None) -> tuple[TrainState, dict]:
-  """One SGD step on a global batch; `hyper`: hyperparameters(config), as arguments."""
+               convention: Optional[InputConvention] = None,
+               distortion_strength: float = 0.0) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch; `hyper`: hyperparameters(config), as arguments.
+  `distortion_strength` > 0: the batch's images are uint8 pixels, colour-distorted here (augment),
+  each example from the step's key and its index in the global batch."""
   schedule = learning_rate_schedule(config, num_train_examples, hyper)
   tx = optimizer(config, schedule, hyper)
   ema_decay = config.ema_decay
+  images = batch['image']
+  if distortion_strength > 0:  # else not even compiled
+    keys = augment.example_keys(state.rng, state.step, images.shape[0])
+    images = augment.distort_colour(images, keys, distortion_strength) * 2 - 1
+  images = to_model_input(images, convention)
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  images = to_model_input(batch['image'], convention)
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -414,7 +426,8 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
   convention = input_convention(config)
   train_fn = jax.jit(
       functools.partial(train_step, model=model, config=config,
-                        num_train_examples=num_train_examples, convention=convention),
+                        num_train_examples=num_train_examples, convention=convention,
+                        distortion_strength=input_pipeline.distortion_strength(config.dataset)),
       in_shardings=(replicated, None, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(

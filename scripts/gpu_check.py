@@ -4,6 +4,7 @@ r"""The GPU check: every measurement that needs a GPU, in one call, one JSON lin
   python3 scripts/gpu_check.py --out=$OUT --only=flag_triton_gemm_off,optin_bn_fused
   python scripts/gpu_check.py --out=/tmp/smoke --smoke      # the same steps, tiny, on a CPU
   python scripts/gpu_check.py --report=results.jsonl        # the results as a markdown table
+  python scripts/gpu_check.py --prepare_photos              # once, where TensorFlow is: .photos
 
 Run from the repository root. Installs the wheels carried in .whl/ when a package the steps need is
 missing (`make gpu-wheels` makes them). bn_inception/gpu_check.py has the steps and the details.
@@ -27,6 +28,9 @@ _BUDGET = flags.DEFINE_float('budget_s', 530, 'Seconds for all steps together; s
                              'start with less than %d s left are skipped.' % gpu_check.MIN_STEP_S)
 _SCRATCH = flags.DEFINE_string('scratch', None, 'Working directory (default: a new temporary one).')
 _REPORT = flags.DEFINE_string('report', None, 'Print the table of this results.jsonl and exit.')
+_PHOTOS = flags.DEFINE_string('photos', gpu_check.PHOTOS, 'The photograph set of the feed step.')
+_PREPARE_PHOTOS = flags.DEFINE_bool('prepare_photos', False, 'Prepare --photos (TensorFlow '
+                                    'needed) and exit.')
 
 
 def main(argv):
@@ -35,11 +39,14 @@ def main(argv):
   if _REPORT.value:
     print(gpu_check.summary_table(gpu_check.read_results(_REPORT.value)))
     return
+  if _PREPARE_PHOTOS.value:
+    gpu_check.prepare_photos(_PHOTOS.value)
+    return
   if not _OUT.value:
     raise app.UsageError('--out is required.')
   scratch = _SCRATCH.value or tempfile.mkdtemp(prefix='gpu_check_')
   try:
-    steps = gpu_check.select(gpu_check.plan(_SMOKE.value, scratch), _ONLY.value)
+    steps = gpu_check.select(gpu_check.plan(_SMOKE.value, scratch, _PHOTOS.value), _ONLY.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   gpu_check.run(steps, _OUT.value, budget_s=_BUDGET.value, scratch=scratch)

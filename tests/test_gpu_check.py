@@ -29,6 +29,8 @@ TIMING_FIELDS = ('img_per_s', 'step_ms', 'compile_s', 'mfu', 'peak_memory_bytes'
                  'dtype', 'architecture')
 PEER_FIELDS = ('torch_img_per_s', 'torch_compile_s', 'torch_peak_memory_bytes', 'torch_version',
                'speedup_vs_torch', 'peer_same_architecture')
+FEED_FIELDS = ('img_per_s', 'step_ms', 'compile_s', 'batch_size', 'dtype', 'loader',
+               'device_only_img_per_s', 'fed_vs_device_only', 'host_cores', 'distortion_strength')
 PRECISION_FIELDS = ('passed', 'finite', 'loss_falls', 'agrees', 'tolerance', 'difference', 'levels',
                     'runs')
 
@@ -36,6 +38,8 @@ PRECISION_FIELDS = ('passed', 'finite', 'loss_falls', 'agrees', 'tolerance', 'di
 def expected_fields(step: str) -> tuple[str, ...]:
   if step == 'precision':
     return MACHINE_FIELDS + PRECISION_FIELDS
+  if step.startswith('feed'):
+    return MACHINE_FIELDS + FEED_FIELDS
   fields = MACHINE_FIELDS + TIMING_FIELDS
   if step.endswith('_torch'):
     fields += PEER_FIELDS
@@ -56,13 +60,14 @@ def check_results(out_dir, steps):
   return records
 
 
-def smoke(tmp_path, only=None):
+def smoke(tmp_path, only=None, extra=()):
   # The driver needs the PyTorch port importable (or its wheels): a skip without the test extra.
   optional_deps.load(convert.load_port_module)
   out = tmp_path / 'out'
   command = [sys.executable, 'scripts/gpu_check.py', '--smoke', f'--out={out}',
              f'--scratch={tmp_path / "scratch"}', '--budget_s=100000']
   command += [f'--only={",".join(only)}'] if only else []
+  command += list(extra)
   run = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=3600)
   assert run.returncode == 0, run.stderr[-3000:]
   return str(out), run.stdout
@@ -78,10 +83,37 @@ def test_one_step_end_to_end(tmp_path):
   assert '| eval_b256 | ok |' in stdout
 
 
+def test_feed_step_trains_from_prepared_photographs(tmp_path):
+  # The photographs prepared as array_record where TensorFlow is (here), then the step as the GPU
+  # machine runs it: the Grain loader feeding the training step, against the step alone.
+  pytest.importorskip('skimage')  # the photographs ship with scikit-image
+  photos = tmp_path / 'photos'
+  gpu_check.prepare_photos(str(photos), num_train=12, num_val=2)
+  assert not (photos / 'manual').exists()  # only the array_record copy travels
+  assert list(photos.glob('data/imagenet2012/*/imagenet2012-train.array_record-*'))
+  out, stdout = smoke(tmp_path, only=['feed_grain_b256'], extra=[f'--photos={photos}'])
+  result = check_results(out, ['feed_grain_b256'])[1]['result']
+  assert result['mode'] == 'feed' and result['loader'] == 'grain'
+  assert result['distortion_strength'] == 0.5  # bn_x30's, applied in the step
+  assert result['img_per_s'] > 0 and result['device_only_img_per_s'] > 0
+  assert '| feed_grain_b256 | ok |' in stdout
+
+
+def test_feed_step_without_photographs_is_skipped_with_what_to_do(tmp_path):
+  step = [s for s in gpu_check.plan(smoke=True, photos=str(tmp_path / 'none'))
+          if s.name == 'feed_grain_b256']
+  out = str(tmp_path / 'out')
+  gpu_check.run(step, out, budget_s=600, scratch=str(tmp_path / 'scratch'))
+  record = gpu_check.read_results(os.path.join(out, 'results.jsonl'))[-1]
+  assert record['status'] == 'skipped' and '--prepare_photos' in record['reason']
+
+
 @pytest.mark.skipif(not os.environ.get('BN_GPU_CHECK_SMOKE'),
                     reason='every step of the smoke plan: set BN_GPU_CHECK_SMOKE=1 (~10 min)')
 def test_every_step_of_the_smoke_plan(tmp_path):
-  out, _ = smoke(tmp_path)
+  photos = tmp_path / 'photos'
+  gpu_check.prepare_photos(str(photos), num_train=12, num_val=2)
+  out, _ = smoke(tmp_path, extra=[f'--photos={photos}'])
   records = check_results(out, [s.name for s in gpu_check.plan(smoke=True)])
   by_step = {r['step']: r for r in records}
   # Programs another step compiled come from the call's compilation cache.

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import types
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
 
+from bn_inception import augment
 from bn_inception import data_spec
 from bn_inception import errors
 from bn_inception import grain_pipeline
@@ -149,6 +151,29 @@ def test_resume_is_exact(grain_imagenet, shuffle):
   np.testing.assert_array_equal(resumed[0]['image'], hosts[1][2]['image'])
 
 
+def test_distorted_training_stopped_and_resumed_is_bitwise_one_run(grain_imagenet, tmp_path,
+                                                                    caplog):
+  # The colour distortions come from the step's key in the training step: a run resumed from its
+  # checkpoint at step 2 ends in exactly the state of the run that went on to step 4.
+  from bn_inception import train  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dataset = grain_imagenet.config.copy_and_resolve_references()
+  config.dataset.distortion_strength = 1.0
+  config.model.update(width=0.125, bn_group_size=4)
+  config.batch_size, config.num_train_steps = 8, 4
+  config.log_every_steps = config.checkpoint_every_steps = 2
+  config.eval_every_steps = 100  # the last step's evaluation only
+  assert input_pipeline.distortion_strength(config.dataset) == 1.0
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '4')
+  caplog.set_level('INFO')
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  assert 'Resumed from the checkpoint at step 2' in caplog.text
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_crop_windows_follow_tensorflows_distribution():
   tf = pytest.importorskip('tensorflow')
   height, width, n = 300, 400, 2000
@@ -185,11 +210,11 @@ def small_photographs():
   return jpegs
 
 
-def _crops(loader, jpegs, strength, crops_per_image=200, size=32):
-  """Training crops of each image by one loader's preprocessing (each with its own random crops,
-  flips and colours), every image as often."""
+def _crops(loader, jpegs, crops_per_image=200, size=32):
+  """uint8 training crops of each image by one loader's preprocessing (each with its own random
+  crop and flip), every image as often."""
   if loader == 'grain':
-    return np.stack([grain_pipeline.train_image(data, np.random.default_rng([i, j]), size, strength)
+    return np.stack([grain_pipeline.train_image(data, np.random.default_rng([i, j]), size)
                      for i, data in enumerate(jpegs) for j in range(crops_per_image)])
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from bn_inception import tfds_pipeline  # pylint: disable=g-import-not-at-top
@@ -197,12 +222,18 @@ def _crops(loader, jpegs, strength, crops_per_image=200, size=32):
   seeds = np.stack([np.zeros(count, np.int64), np.arange(count)], axis=1)
   ds = tf.data.Dataset.from_tensor_slices((np.repeat(np.array(jpegs, object), crops_per_image),
                                            seeds))
-  ds = ds.map(lambda data, seed: tfds_pipeline.train_image(data, seed, size, strength),
+  ds = ds.map(lambda data, seed: tfds_pipeline.train_image(data, seed, size),
               num_parallel_calls=2).batch(count)
   return next(iter(ds)).numpy()
 
 
-def _channel_statistics(images):
+def _channel_statistics(crops, strength):
+  """Per-channel mean and std, on the network's [-1, 1], of the crops as the training step sees
+  them: colour-distorted on the device at `strength` (the same draws for either loader's crops)."""
+  keys = augment.example_keys(jax.random.PRNGKey(0), 0, len(crops))
+  images = (augment.distort_colour(crops, keys, strength) * 2 - 1 if strength else
+            crops / 127.5 - 1)
+  images = np.asarray(images)
   return np.concatenate([images.mean(axis=(0, 1, 2)), images.std(axis=(0, 1, 2))])
 
 
@@ -214,9 +245,11 @@ SAME_DISTRIBUTION_TOLERANCE = 0.03
 
 def test_same_distribution_as_tf_data(small_photographs):
   pytest.importorskip('tensorflow')
-  grain_statistics = _channel_statistics(_crops('grain', small_photographs, 1.0))
-  tf_statistics = _channel_statistics(_crops('tf_data', small_photographs, 1.0))
-  undistorted = _channel_statistics(_crops('tf_data', small_photographs, 0.0))
+  grain_crops, tf_crops = _crops('grain', small_photographs), _crops('tf_data', small_photographs)
+  assert grain_crops.dtype == tf_crops.dtype == np.uint8
+  grain_statistics = _channel_statistics(grain_crops, 1.0)
+  tf_statistics = _channel_statistics(tf_crops, 1.0)
+  undistorted = _channel_statistics(tf_crops, 0.0)
   difference = np.abs(grain_statistics - tf_statistics).max()
   effect = np.abs(tf_statistics - undistorted).max()
   assert effect > 2.5 * SAME_DISTRIBUTION_TOLERANCE, effect  # the test can tell
@@ -231,22 +264,16 @@ def test_resampling_is_tensorflows(small_photographs):
     ours = grain_pipeline._resample(photo, (0, 0, *photo.shape[:2]), size)
     theirs = tf.image.resize(photo, [size, size], method='bilinear').numpy()
     np.testing.assert_allclose(ours, theirs, atol=0.01)
-
-
-def test_colour_adjustments_are_tensorflows():
-  # The same definitions, on values beyond [0, 1] too (the distortions do not clip in between).
-  tf = pytest.importorskip('tensorflow')
-  image = np.random.default_rng(0).uniform(-0.2, 1.2, (16, 16, 3)).astype(np.float32)
-  pairs = [(grain_pipeline.adjust_brightness(image, -0.1), tf.image.adjust_brightness(image, -0.1))]
-  for factor in (0.5, 1.4):
-    pairs += [(grain_pipeline.adjust_saturation(image, factor),
-               tf.image.adjust_saturation(image, factor)),
-              (grain_pipeline.adjust_contrast(image, factor),
-               tf.image.adjust_contrast(image, factor))]
-  for delta in (-0.2, 0.13):
-    pairs.append((grain_pipeline.adjust_hue(image, delta), tf.image.adjust_hue(image, delta)))
-  for ours, theirs in pairs:
-    np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+  # A box inside the image, at fractional pixel edges (as evaluation crops are), against scipy's
+  # bilinear interpolation at the output pixels' centres, clamped to the image.
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
+  top, left, bottom, right = box = (10.5, 3.25, photo.shape[0] - 7.75, photo.shape[1] - 20.5)
+  centres = (np.arange(24) + 0.5) / 24
+  y, x = np.meshgrid(top + centres * (bottom - top) - 0.5, left + centres * (right - left) - 0.5,
+                     indexing='ij')
+  theirs = np.stack([ndimage.map_coordinates(photo[..., c].astype(float), [y, x], order=1,
+                                             mode='nearest') for c in range(3)], -1)
+  np.testing.assert_allclose(grain_pipeline._resample(photo, box, 24), theirs, atol=0.01)
 
 
 def test_tfrecord_copy_gets_the_conversion_command(tiny_imagenet):  # noqa: F811
