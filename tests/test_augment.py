@@ -129,5 +129,6 @@ def test_the_step_distorts_only_where_the_data_set_is_distorted(monkeypatch):
     program = train.setup(config, 1000, train.make_mesh())
     batch = {'image': np.zeros((8, 32, 32, 3), dtype), 'label': np.zeros(8, np.int32)}
     calls.clear()
-    program.train_step.lower(program.state, batch)  # traced: what it calls is what it compiles
+    # Traced: what it calls is what it compiles.
+    program.train_step.lower(program.state, batch, program.hyperparameters)
     assert calls == expected, (name, strength)
