@@ -28,9 +28,9 @@ from bn_inception import evaluate
 from bn_inception import launch
 from bn_inception import predictions
 from bn_inception import train
-from configs import bn_x30
 from configs import default
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
+from test_train import tiny_config, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEARTBEAT_TIMEOUT = 10  # --heartbeat_timeout for the killed-process test (default 100 s)
@@ -44,20 +44,12 @@ OVERRIDES = {'model.width': 0.125, 'batch_size': 16, 'model.bn_group_size': 2,
 
 
 def digits_config(**overrides):
-  config = bn_x30.get_config('digits')
-  for key, value in {**OVERRIDES, **overrides}.items():
-    *path, last = key.split('.')
-    target = config
-    for p in path:
-      target = target[p]
-    target[last] = value
-  return config
+  return tiny_config(OVERRIDES, **overrides)
 
 
 def train_command(workdir, **overrides):
-  return [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py:digits',
-          f'--workdir={workdir}',
-          *(f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items())]
+  return [sys.executable, '-m', 'bn_inception.main', f'--workdir={workdir}',
+          *tiny_flags(OVERRIDES, **overrides)]
 
 
 def environment(devices_per_process=4):

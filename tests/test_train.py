@@ -41,10 +41,10 @@ TINY = {'model.width': 0.125, 'model.bn_group_size': 2, 'batch_size': 16, 'eval_
         'checkpoint_every_steps': 2, 'dataset.image_size': 32}
 
 
-def tiny_config(**overrides):
-  """TINY with overrides ('model.width': ...)."""
+def tiny_config(shrunk=TINY, **overrides):
+  """BN-x30 at the digits scale with the fields of `shrunk` and overrides ('model.width': ...)."""
   c = bn_x30.get_config('digits')
-  for key, value in {**TINY, **overrides}.items():
+  for key, value in {**shrunk, **overrides}.items():
     target = c
     *path, last = key.split('.')
     for p in path:
@@ -53,11 +53,11 @@ def tiny_config(**overrides):
   return c
 
 
-def tiny_flags(**overrides):
-  """tiny_config(**overrides) as command-line arguments: a command the tests start compiles the
-  programs of the same config in the tests' process (conftest.py's shared cache)."""
+def tiny_flags(shrunk=TINY, **overrides):
+  """tiny_config(shrunk, **overrides) as command-line arguments: a command the tests start compiles
+  the programs of the same config in the tests' process (conftest.py's shared cache)."""
   return ['--config=configs/bn_x30.py:digits',
-          *(f'--config.{k}={v}' for k, v in {**TINY, **overrides}.items())]
+          *(f'--config.{k}={v}' for k, v in {**shrunk, **overrides}.items())]
 
 
 def ema_config(**overrides):
