@@ -13,6 +13,7 @@ import pytest
 from bn_inception import benchmark
 from bn_inception import models
 from configs import bn_x30
+from conftest import xla_flags
 import optional_deps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_command_prints_a_json_line_without_tensorflow(tmp_path):
   argv = ['--config=configs/bn_x30.py', '--batch_size=8', '--image_size=32', '--width=0.125',
           '--steps=1', '--warmup_steps=0', '--config.model.bn_group_size=8',
           f'--profile={tmp_path}']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1))
   command = subprocess.run([sys.executable, '-c', script, *argv], cwd=REPO,
                            env=env, capture_output=True, text=True, timeout=300)
   assert command.returncode == 0, command.stderr[-3000:]

@@ -304,12 +304,11 @@ def test_a_wrong_file_is_refused_by_its_registered_checksum(tmp_path):
 
 def test_command_line_evaluates_several_sets(sets, evaluated, tmp_path):
   """`--eval_sets=A,B --output=DIR/{eval_set}.npz`: a line and a file per set, and the table."""
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_DISABLE_MOST_OPTIMIZATIONS': '1'}
   output = tmp_path / 'out' / '{eval_set}_{step}.npz'
   result = subprocess.run(
       [sys.executable, '-m', 'bn_inception.evaluate', f'--workdir={sets["workdir"]}',
        f'--eval_sets={predictions.REAL},{V2}', f'--output={output}'],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
   real_acc = predictions.accuracy(evaluated['real'])
   assert (f'ReaL top-1 {predictions.percent(real_acc["real_top1"])}, top-5 '

@@ -17,11 +17,11 @@ from bn_inception import convert
 from bn_inception import gpu_check
 from bn_inception import precision_check
 from configs import bn_x5
+from conftest import xla_flags
 import optional_deps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1', XLA_FLAGS='',
-           PYTHONPATH=REPO)
+ENV = dict(os.environ, XLA_FLAGS=xla_flags(devices=1), PYTHONPATH=REPO)  # and conftest.py's
 
 # What docs/benchmarks.md's tables read from each kind of step's result.
 MACHINE_FIELDS = ('device', 'jax_version', 'jaxlib_version', 'flax_version', 'xla_flags', 'date')

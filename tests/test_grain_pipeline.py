@@ -21,6 +21,7 @@ from bn_inception import grain_pipeline
 from bn_inception import imagenet_archives
 from bn_inception import input_pipeline
 from configs import default
+from conftest import xla_flags
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from imagenet_fixture import write_archives
 
@@ -85,9 +86,7 @@ def test_training_and_evaluation_run_where_tensorflow_cannot_be_imported(grain_i
           '--config.model.width=0.125', '--config.batch_size=4', '--config.model.bn_group_size=4',
           '--config.num_train_steps=2', '--config.eval_every_steps=2',
           '--config.log_every_steps=1', '--config.checkpoint_every_steps=2']
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-             JAX_COMPILATION_CACHE_DIR=os.path.join(REPO, '.pytest_cache', 'jax'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
              PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]))
   run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
                        check=False)

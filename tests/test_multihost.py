@@ -29,6 +29,7 @@ from bn_inception import launch
 from bn_inception import predictions
 from bn_inception import train
 from configs import default
+from conftest import xla_flags
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from test_train import tiny_config, tiny_flags
 
@@ -53,7 +54,7 @@ def train_command(workdir, **overrides):
 
 
 def environment(devices_per_process=4):
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}',
+  return dict(os.environ, XLA_FLAGS=xla_flags(devices_per_process),
               PYTHONPATH=REPO, PYTHONUNBUFFERED='1')
 
 
