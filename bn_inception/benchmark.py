@@ -257,10 +257,11 @@ def run_jax(config, *, mode: str, steps: int, warmup_steps: int,
   train.check_batch(config.batch_size, config.model.bn_group_size, mesh)
   train.check_memory(config, config.batch_size, mesh, training=mode == 'train')
   program = train.setup(config, input_pipeline.SYNTHETIC_INFO.num_train_examples, mesh)
+  state = program.init()
   if mode == 'train':
-    jitted, carry, args = program.train_step, program.state, (program.hyperparameters,)
+    jitted, carry, args = program.train_step, state, (program.hyperparameters,)
   else:
-    jitted, carry, args = program.eval_step, train.eval_variables(program.state), ()
+    jitted, carry, args = program.eval_step, train.eval_variables(state), ()
   batch = synthetic_batch(config, mesh, crops=mode == 'eval')
 
   # --- Compile once, warm up, time -----------------------------------------------------------

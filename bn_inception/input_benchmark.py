@@ -128,9 +128,9 @@ def run_feed(config, *, steps: int, warmup_steps: int) -> dict[str, Any]:
   first, _ = next(batches)
   startup_s = time.perf_counter() - start
   start = time.perf_counter()
-  step = program.train_step.lower(program.state, first, program.hyperparameters).compile()
+  step = program.train_step.lower(program.abstract_state, first, program.hyperparameters).compile()
   compile_s = time.perf_counter() - start
-  state = program.state
+  state = program.init()
 
   def timed(next_batch, count):
     nonlocal state

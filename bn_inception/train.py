@@ -408,7 +408,8 @@ def load_pretrained(state: TrainState, init_from: str) -> TrainState:
 
 class Program(NamedTuple):
   model: nn.Module
-  state: TrainState  # freshly initialised, replicated over the mesh
+  init: Callable  # () -> a freshly initialised TrainState, replicated over the mesh
+  abstract_state: TrainState  # its shapes, dtypes and shardings: restoring or lowering needs no init
   train_step: Callable  # (state, batch, hyperparameters) -> (state, metrics); the state is donated
   hyperparameters: dict  # the train_step's third argument
   eval_step: Callable  # (variables, batch) -> sums of correct top-1/top-5, loss, count
@@ -416,13 +417,14 @@ class Program(NamedTuple):
 
 def setup(config: ml_collections.ConfigDict, num_train_examples: int,
           mesh: jax.sharding.Mesh) -> Program:
-  """The network, its initial state and the jitted steps, as training runs them (and
-  bn_inception.benchmark times them): state replicated and donated, batches sharded over 'data'."""
+  """The network, its initialisation and the jitted steps, as training runs them (and
+  bn_inception.benchmark times them): state replicated and donated, batches sharded over 'data'.
+  Nothing is compiled yet: a resumed run never compiles the initialisation."""
   model = models.from_config(config.model)
   tx = optimizer(config, learning_rate_schedule(config, num_train_examples))  # for its state
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  init = functools.partial(create_train_state, config, model, tx, config.dataset.image_size)
-  state = jax.jit(init, out_shardings=replicated)()
+  init = jax.jit(functools.partial(create_train_state, config, model, tx, config.dataset.image_size),
+                 out_shardings=replicated)
   convention = input_convention(config)
   train_fn = jax.jit(
       functools.partial(train_step, model=model, config=config,
@@ -433,7 +435,7 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
   eval_fn = jax.jit(functools.partial(
       eval_step, model=model, convention=convention,
       crop_weights=data_spec.crop_weights(config.dataset.eval_crops)), out_shardings=replicated)
-  return Program(model, state, train_fn, hyperparameters(config), eval_fn)
+  return Program(model, init, jax.eval_shape(init), train_fn, hyperparameters(config), eval_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -588,20 +590,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f'batch_size {config.batch_size:,} is larger than the training split '
         f'({info.num_train_examples:,} examples of {config.dataset.name}): use at most '
         f'{info.num_train_examples:,}.')
-  model, state, train_fn, hyper, eval_fn = setup(config, info.num_train_examples, mesh)
+  _, init, abstract_state, train_fn, hyper, eval_fn = setup(config, info.num_train_examples, mesh)
 
   # --- Initialise, or resume from the newest complete checkpoint -----------------------------
   # Every check comes before the first write: a refused run changes no file in the workdir. One
   # training at a time in a workdir: process 0 holds its lock until the end.
   lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
-    step, restored = checkpoints.resume(workdir, config, state,
-                                        start_over_if_unreadable=start_over_if_unreadable)
-    if restored is not None:
-      state = restored
+    step, state = checkpoints.resume(workdir, config, abstract_state,
+                                     start_over_if_unreadable=start_over_if_unreadable)
+    if state is not None:
       logging.info('Resumed from the checkpoint at step %d in %s.', step, workdir)
-    elif config.init_from:
-      state = load_pretrained(state, config.init_from)
+    else:
+      state = init()
+      if config.init_from:
+        state = load_pretrained(state, config.init_from)
   except BaseException:
     if lock:
       lock.release()

@@ -130,5 +130,5 @@ def test_the_step_distorts_only_where_the_data_set_is_distorted(monkeypatch):
     batch = {'image': np.zeros((8, 32, 32, 3), dtype), 'label': np.zeros(8, np.int32)}
     calls.clear()
     # Traced: what it calls is what it compiles.
-    program.train_step.lower(program.state, batch, program.hyperparameters)
+    program.train_step.lower(program.abstract_state, batch, program.hyperparameters)
     assert calls == expected, (name, strength)

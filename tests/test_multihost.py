@@ -213,7 +213,7 @@ def test_evaluation_on_two_processes_counts_every_image_once(tiny_imagenet, star
   config.eval_batch_size = 8  # 4 per process: each process's 6 images take 2 batches, 2 padded
   workdir = str(tmp_path / 'run')
   mesh = train.make_mesh()
-  state = train.setup(config, 1000, mesh).state
+  state = train.setup(config, 1000, mesh).init()
   checkpoints.write_config(workdir, config, 0)
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, state)

@@ -100,7 +100,7 @@ def test_the_memory_estimate_passes_the_configs_batches():
 def saved_tiny_run(tmp_path_factory):
   """A checkpoint of a width-0.125 digits network, written as training writes one."""
   config = tiny_config(width=0.125)
-  state = train.setup(config, 1437, train.make_mesh()).state
+  state = train.setup(config, 1437, train.make_mesh()).init()
   workdir = str(tmp_path_factory.mktemp('source'))
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, state)
@@ -118,7 +118,7 @@ def tiny_config(width, num_classes=10):
 
 def test_init_from_refuses_a_network_that_hardly_matches(saved_tiny_run):
   workdir, _ = saved_tiny_run
-  other_width = train.setup(tiny_config(width=0.25), 1437, train.make_mesh()).state
+  other_width = train.setup(tiny_config(width=0.25), 1437, train.make_mesh()).init()
   with pytest.raises(errors.InputFileError, match=r'config.init_from: \d of \d+ arrays of this '
                                                   r'model match .* of them by shape.*same network'):
     train.load_pretrained(other_width, workdir)
@@ -127,7 +127,7 @@ def test_init_from_refuses_a_network_that_hardly_matches(saved_tiny_run):
 def test_init_from_warns_for_a_partial_load(saved_tiny_run, caplog):
   workdir, source = saved_tiny_run
   five_classes = train.setup(tiny_config(width=0.125, num_classes=5), 1437,
-                             train.make_mesh()).state
+                             train.make_mesh()).init()
   with caplog.at_level(logging.INFO):
     loaded = train.load_pretrained(five_classes, workdir)
   warnings = [r.getMessage() for r in caplog.records

@@ -226,8 +226,8 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   mesh = train.make_mesh()
   program = train.setup(config, DIGITS_TRAIN, mesh)
   batches = [batch for batch, _ in itertools.islice(global_train_batches(config, mesh), 5)]
-  history = [jax.device_get(program.state)]
-  state = program.state
+  state = program.init()
+  history = [jax.device_get(state)]
   for batch in batches:
     state, step_metrics = program.train_step(state, batch, program.hyperparameters)
     history.append(jax.device_get(state))
@@ -248,7 +248,10 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   for s in history[4:]:
     assert_trees_equal(arrays(s), arrays(s3))
 
-  state, step_metrics = program.train_step(s0, overflowing(batches[0]), program.hyperparameters)
+  # s0 placed as the program's state is (a host copy would compile another program), then donated.
+  s0_replicated = jax.device_put(s0, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state, step_metrics = program.train_step(s0_replicated, overflowing(batches[0]),
+                                           program.hyperparameters)
   assert np.isfinite(step_metrics['loss'])
   state, _ = program.train_step(state, batches[1], program.hyperparameters)  # finite, yet frozen
   assert (int(state.step), int(state.nonfinite_step)) == (2, 0)
@@ -290,7 +293,8 @@ def test_one_and_eight_devices_take_the_same_steps():
     mesh = train.make_mesh(devices)
     program = train.setup(config, input_pipeline.SYNTHETIC_INFO.num_train_examples, mesh)
     variables = lambda s: jax.device_get((s.params, s.batch_stats))
-    state, initial = program.state, variables(program.state)
+    state = program.init()
+    initial = variables(state)
     for batch, _ in itertools.islice(global_train_batches(config, mesh), 3):
       state, _ = program.train_step(state, batch, program.hyperparameters)
     assert len(state.params['logits']['kernel'].sharding.device_set) == len(devices)
@@ -465,5 +469,6 @@ def test_optimiser_values_are_arguments_of_one_compiled_step():
                                           weight_decay=0.1, momentum=0.5)):
     program = train.setup(config, DIGITS_TRAIN, mesh)
     batch, _ = next(global_train_batches(config, mesh))
-    programs.append(program.train_step.lower(program.state, batch, program.hyperparameters))
+    programs.append(program.train_step.lower(program.abstract_state, batch,
+                                            program.hyperparameters))
   assert programs[0].as_text() == programs[1].as_text()
