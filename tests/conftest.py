@@ -7,19 +7,34 @@ programs for the same configs, compiled once for the whole suite.
 """
 
 import os
-from importlib import metadata
+import subprocess
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA's CPU compiler is faster on these small networks with its older fusion emitters (~1.5x, on
+# jaxlib 0.10) and with one code-generation thread (~1.1x: the tests run one process per core).
+FAST_COMPILE_FLAGS = ('--xla_cpu_use_fusion_emitters=false',
+                      '--xla_cpu_parallel_codegen_split_count=1')
+
+
+def fast_compile_flags() -> str:
+  """Those of FAST_COMPILE_FLAGS this jaxlib knows (XLA aborts on an unknown flag, and jaxlib 0.11.1
+  dropped the first), asked of a subprocess once and kept in the environment for the test
+  processes pytest-xdist starts."""
+  known = os.environ.get('BN_INCEPTION_TEST_COMPILE_FLAGS')
+  if known is None:
+    accepts = lambda flag: subprocess.run(
+        [sys.executable, '-c', 'import jax; jax.devices()'], capture_output=True, timeout=300,
+        env={**os.environ, 'XLA_FLAGS': flag, 'JAX_PLATFORMS': 'cpu'}).returncode == 0
+    known = os.environ['BN_INCEPTION_TEST_COMPILE_FLAGS'] = ' '.join(
+        flag for flag in FAST_COMPILE_FLAGS if accepts(flag))
+  return known
 
 
 def xla_flags(devices: int = 8) -> str:
   """XLA_FLAGS for a test's process (and those it starts) with this many simulated CPU devices."""
-  flags = f'--xla_force_host_platform_device_count={devices}'
-  # XLA's CPU backend before jaxlib 0.12 (whose fusion emitters are the only ones) compiles these
-  # networks ~1.5x faster with its older emitters, and compiling is most of the suite's time.
-  if tuple(int(v) for v in metadata.version('jaxlib').split('.')[:2]) < (0, 12):
-    flags += ' --xla_cpu_use_fusion_emitters=false'
-  return flags
+  return f'--xla_force_host_platform_device_count={devices} {fast_compile_flags()}'.strip()
 
 
 os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()

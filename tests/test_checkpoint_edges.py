@@ -77,15 +77,20 @@ state = {f'layer_{i}': rng.normal(size=(256, 256)).astype(np.float32) for i in r
 mngr = checkpoints.manager(sys.argv[1])
 checkpoints.save(mngr, 1, state)
 mngr.wait_until_finished()
-checkpoints.save(mngr, 2, state)  # written in the background, which the exit below cuts short
-os._exit(1)
+checkpoints.save(mngr, 2, state)  # written in the background: cut short once data is on disk
+tmp = os.path.join(sys.argv[1], 'checkpoints', '2.orbax-checkpoint-tmp')
+while not os.path.isdir(os.path.join(sys.argv[1], 'checkpoints', '2')):  # the save has finished
+  if any(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs):
+    os._exit(1)
+os._exit(3)
 '''
 
 
 def test_an_interrupted_save_is_removed_and_named_at_the_next_start(tmp_path, caplog):
   workdir = str(tmp_path)
-  subprocess.run([sys.executable, '-c', INTERRUPTED_SAVE, workdir], cwd=REPO, timeout=120,
-                 env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, check=False)
+  done = subprocess.run([sys.executable, '-c', INTERRUPTED_SAVE, workdir], cwd=REPO, timeout=120,
+                        env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True, text=True)
+  assert done.returncode == 1, done.stderr  # 3: the save finished before it could be cut short
   leftover = tmp_path / 'checkpoints' / '2.orbax-checkpoint-tmp'
   assert leftover.is_dir(), os.listdir(tmp_path / 'checkpoints')
   size = sum(f.stat().st_size for f in leftover.rglob('*') if f.is_file())

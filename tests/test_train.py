@@ -103,9 +103,23 @@ def ema_run(tmp_path_factory):
   return config, workdir, train.train_and_evaluate(config, str(workdir))
 
 
-def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path):
+@pytest.fixture
+def initialisations(monkeypatch):
+  """The list of train_and_evaluate's calls of Program.init (a fresh state), by config."""
+  calls, setup = [], train.setup
+
+  def counted(config, *args, **kwargs):
+    program = setup(config, *args, **kwargs)
+    return program._replace(init=lambda: calls.append(config) or program.init())
+
+  monkeypatch.setattr(train, 'setup', counted)
+  return calls
+
+
+def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path, initialisations):
   """A digits run learns (the loss falls, test accuracy ends far above chance), evaluates every
-  test example once, and leaves its workdir complete."""
+  test example once, and leaves its workdir complete. Reruns on it (nothing to train, another
+  model) restore or refuse without initialising a state."""
   config, workdir, state = ema_run
   assert int(state.step) == LEARN_STEPS
   lines = read_metrics(workdir)
@@ -150,15 +164,17 @@ def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path):
   with pytest.raises(ValueError, match='does not fit this model'):
     train.train_and_evaluate(ema_config(ema_decay=None), str(workdir))
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(RESUME_STEP), str(LEARN_STEPS)]
+  assert not initialisations
 
 
 def test_resume_across_decays_with_dropout_and_ema_is_bitwise_equal_to_one_run(
-    ema_run, tmp_path, caplog):
+    ema_run, tmp_path, caplog, initialisations):
   """A run restarted from a checkpoint ends exactly where the uninterrupted run ended, in every
   leaf of the state (parameters, BN statistics, optimizer state, EMA weights and statistics, RNG,
   step), with dropout on and a learning-rate decay (between steps 77 and 78) in the resumed part:
   the schedule, data and dropout depend on the step alone. Here the newest checkpoint is unreadable
-  (every file garbage): it is skipped, with a warning, for the previous one."""
+  (every file garbage): it is skipped, with a warning, for the previous one. The resumed run never
+  initialises a state (nor compiles the initialisation): it restores into the abstract one."""
   config, workdir, straight = ema_run
   schedule = train.learning_rate_schedule(config, DIGITS_TRAIN)
   assert float(schedule(78)) == pytest.approx(0.96 * float(schedule(77)))  # floor(step / 2.5)
@@ -175,6 +191,9 @@ def test_resume_across_decays_with_dropout_and_ema_is_bitwise_equal_to_one_run(
   assert f'Checkpoint {LEARN_STEPS}' in caplog.text
   assert f'using step {RESUME_STEP} instead' in caplog.text
   assert_trees_equal(straight, resumed)
+  assert not initialisations
+  train.train_and_evaluate(ema_config(num_train_steps=1), str(tmp_path / 'new'))  # it counts
+  assert len(initialisations) == 1
 
 
 def test_ema_weights_are_evaluated_with_their_own_statistics(ema_run):
