@@ -415,27 +415,60 @@ class Program(NamedTuple):
   eval_step: Callable  # (variables, batch) -> sums of correct top-1/top-5, loss, count
 
 
+# The config fields the compiled programs read; the optimiser's values (hyperparameters) are their
+# arguments. The programs are built from these fields alone (program_config), so that reading any
+# other field fails while tracing, and runs that agree on them share the programs.
+PROGRAM_FIELDS = ('model', 'seed', 'batch_size', 'ema_decay', 'nesterov', 'lr_decay_epochs',
+                  'warmup_epochs', 'dataset.image_size', 'dataset.eval_crops')
+
+
+def program_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
+  """The PROGRAM_FIELDS of `config`, frozen (hashable)."""
+  subset = {}
+  for field in PROGRAM_FIELDS:
+    *path, last = field.split('.')
+    source, target = config, subset
+    for name in path:
+      source, target = source[name], target.setdefault(name, {})
+    target[last] = source[last]
+  return ml_collections.FrozenConfigDict(subset)
+
+
 def setup(config: ml_collections.ConfigDict, num_train_examples: int,
           mesh: jax.sharding.Mesh) -> Program:
   """The network, its initialisation and the jitted steps, as training runs them (and
   bn_inception.benchmark times them): state replicated and donated, batches sharded over 'data'.
-  Nothing is compiled yet: a resumed run never compiles the initialisation."""
+  Nothing is compiled yet: a resumed run never compiles the initialisation. A process keeps the
+  programs of its last few setups: a later run with the same program_config, data and mesh (an
+  extended or resumed run, another learning rate) reuses them, traced and compiled once."""
+  model, init, train_fn, eval_fn = _programs(
+      program_config(config), num_train_examples, mesh, input_convention(config),
+      input_pipeline.distortion_strength(config.dataset))
+  return Program(model, init, jax.eval_shape(init), train_fn, hyperparameters(config), eval_fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(config: ml_collections.FrozenConfigDict, num_train_examples: int,
+              mesh: jax.sharding.Mesh, convention: Optional[InputConvention],
+              distortion_strength: float) -> tuple[nn.Module, Callable, Callable, Callable]:
   model = models.from_config(config.model)
-  tx = optimizer(config, learning_rate_schedule(config, num_train_examples))  # for its state
+  # For the optimiser state's structure alone, which does not depend on the values.
+  zeros = dict.fromkeys(('learning_rate', 'lr_decay_factor', 'weight_decay', 'momentum'),
+                        np.float32(0))
+  tx = optimizer(config, learning_rate_schedule(config, num_train_examples, zeros), zeros)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = jax.jit(functools.partial(create_train_state, config, model, tx, config.dataset.image_size),
                  out_shardings=replicated)
-  convention = input_convention(config)
   train_fn = jax.jit(
       functools.partial(train_step, model=model, config=config,
                         num_train_examples=num_train_examples, convention=convention,
-                        distortion_strength=input_pipeline.distortion_strength(config.dataset)),
+                        distortion_strength=distortion_strength),
       in_shardings=(replicated, None, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
   eval_fn = jax.jit(functools.partial(
       eval_step, model=model, convention=convention,
       crop_weights=data_spec.crop_weights(config.dataset.eval_crops)), out_shardings=replicated)
-  return Program(model, init, jax.eval_shape(init), train_fn, hyperparameters(config), eval_fn)
+  return model, init, train_fn, eval_fn
 
 
 # ------------------------------------------------------------------------------------------------

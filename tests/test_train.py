@@ -481,13 +481,24 @@ def test_evaluation_inside_training_counts_crops_in_its_batch():
 def test_optimiser_values_are_arguments_of_one_compiled_step():
   """Runs that differ only in learning rate, decay factor, weight decay or momentum (BN-x5 and
   BN-x30, a resume at another rate) lower to the same program, compiled once for all of them; the
-  values still take effect (the inf rate of the divergence tests above)."""
+  values still take effect (the inf rate of the divergence tests above). Within a process they
+  share the jitted programs themselves (with a length or intervals of their own too), traced once;
+  another seed, width or evaluation gets its own."""
   mesh = train.make_mesh()
+  configs = (ema_config(), ema_config(learning_rate=0.3, lr_decay_factor=0.5, weight_decay=0.1,
+                                      momentum=0.5, num_train_steps=7, log_every_steps=3))
   programs = []
-  for config in (ema_config(), ema_config(learning_rate=0.3, lr_decay_factor=0.5,
-                                          weight_decay=0.1, momentum=0.5)):
+  for config in configs:
+    train._programs.cache_clear()  # pylint: disable=protected-access  (lowered afresh)
     program = train.setup(config, DIGITS_TRAIN, mesh)
     batch, _ = next(global_train_batches(config, mesh))
     programs.append(program.train_step.lower(program.abstract_state, batch,
                                             program.hyperparameters))
   assert programs[0].as_text() == programs[1].as_text()
+  first, second = (train.setup(config, DIGITS_TRAIN, mesh) for config in configs)
+  assert first.hyperparameters != second.hyperparameters
+  for name in ('init', 'train_step', 'eval_step'):
+    assert getattr(first, name) is getattr(second, name), name
+  for other in (ema_config(seed=1), ema_config(**{'model.width': 0.25}),
+                ema_config(**{'dataset.eval_crops': '10'}), ema_config(ema_decay=None)):
+    assert train.setup(other, DIGITS_TRAIN, mesh).train_step is not first.train_step
