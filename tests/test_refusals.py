@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from bn_inception import checkpoints
@@ -96,11 +98,19 @@ def test_the_memory_estimate_passes_the_configs_batches():
     train.check_memory(config, 2 ** 36, mesh, training=True)
 
 
+def zeros_state(config):
+  """A state of zeros shaped as `config`'s network's, with no initialisation compiled: what
+  load_pretrained matches is paths and shapes."""
+  abstract = train.setup(config, 1437, train.make_mesh()).abstract_state
+  return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+
+
 @pytest.fixture(scope='module')
 def saved_tiny_run(tmp_path_factory):
-  """A checkpoint of a width-0.125 digits network, written as training writes one."""
-  config = tiny_config(width=0.125)
-  state = train.setup(config, 1437, train.make_mesh()).init()
+  """A checkpoint of a width-0.125 digits network (random values), saved as training saves."""
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype),
+                       zeros_state(tiny_config(width=0.125)))
   workdir = str(tmp_path_factory.mktemp('source'))
   mngr = checkpoints.manager(workdir)
   checkpoints.save(mngr, 0, state)
@@ -118,7 +128,7 @@ def tiny_config(width, num_classes=10):
 
 def test_init_from_refuses_a_network_that_hardly_matches(saved_tiny_run):
   workdir, _ = saved_tiny_run
-  other_width = train.setup(tiny_config(width=0.25), 1437, train.make_mesh()).init()
+  other_width = zeros_state(tiny_config(width=0.25))
   with pytest.raises(errors.InputFileError, match=r'config.init_from: \d of \d+ arrays of this '
                                                   r'model match .* of them by shape.*same network'):
     train.load_pretrained(other_width, workdir)
@@ -126,8 +136,7 @@ def test_init_from_refuses_a_network_that_hardly_matches(saved_tiny_run):
 
 def test_init_from_warns_for_a_partial_load(saved_tiny_run, caplog):
   workdir, source = saved_tiny_run
-  five_classes = train.setup(tiny_config(width=0.125, num_classes=5), 1437,
-                             train.make_mesh()).init()
+  five_classes = zeros_state(tiny_config(width=0.125, num_classes=5))
   with caplog.at_level(logging.INFO):
     loaded = train.load_pretrained(five_classes, workdir)
   warnings = [r.getMessage() for r in caplog.records
