@@ -441,20 +441,21 @@ def setup(config: ml_collections.ConfigDict, num_train_examples: int,
   Nothing is compiled yet: a resumed run never compiles the initialisation. A process keeps the
   programs of its last few setups: a later run with the same program_config, data and mesh (an
   extended or resumed run, another learning rate) reuses them, traced and compiled once."""
+  hyper = hyperparameters(config)
   model, init, train_fn, eval_fn = _programs(
-      program_config(config), num_train_examples, mesh, input_convention(config),
+      program_config(config), tuple(hyper), num_train_examples, mesh, input_convention(config),
       input_pipeline.distortion_strength(config.dataset))
-  return Program(model, init, jax.eval_shape(init), train_fn, hyperparameters(config), eval_fn)
+  return Program(model, init, jax.eval_shape(init), train_fn, hyper, eval_fn)
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(config: ml_collections.FrozenConfigDict, num_train_examples: int,
-              mesh: jax.sharding.Mesh, convention: Optional[InputConvention],
+def _programs(config: ml_collections.FrozenConfigDict, hyperparameter_names: tuple[str, ...],
+              num_train_examples: int, mesh: jax.sharding.Mesh,
+              convention: Optional[InputConvention],
               distortion_strength: float) -> tuple[nn.Module, Callable, Callable, Callable]:
   model = models.from_config(config.model)
   # For the optimiser state's structure alone, which does not depend on the values.
-  zeros = dict.fromkeys(('learning_rate', 'lr_decay_factor', 'weight_decay', 'momentum'),
-                        np.float32(0))
+  zeros = dict.fromkeys(hyperparameter_names, np.float32(0))
   tx = optimizer(config, learning_rate_schedule(config, num_train_examples, zeros), zeros)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   init = jax.jit(functools.partial(create_train_state, config, model, tx, config.dataset.image_size),
