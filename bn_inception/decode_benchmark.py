@@ -52,17 +52,25 @@ def _pillow(data, rng, size, draft):
 
 
 def _simplejpeg(data, rng, size, dct_scaling):
-  window = grain_pipeline.decode_window(data, functools.partial(data_spec.random_window, rng),
-                                        size if dct_scaling else 0)
-  return np.asarray(Image.fromarray(window).resize((size, size), Image.BILINEAR))
+  height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+  top, left, crop_height, crop_width = data_spec.random_window(rng, height, width)
+  # DCT-domain downscaling as far as keeps the window at least `size` pixels a side.
+  scale = max(min(crop_height, crop_width) / size, 1) if dct_scaling else 1
+  image = simplejpeg.decode_jpeg(data, colorspace='RGB', min_height=int(np.ceil(height / scale)),
+                                 min_width=int(np.ceil(width / scale)))
+  y_scale, x_scale = image.shape[0] / height, image.shape[1] / width
+  box = (left * x_scale, top * y_scale, (left + crop_width) * x_scale,
+         (top + crop_height) * y_scale)
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR, box=box))
 
 
 CANDIDATES: dict[str, Callable[[bytes, np.random.Generator, int], np.ndarray]] = {
     'pillow': functools.partial(_pillow, draft=False),
     'pillow_draft': functools.partial(_pillow, draft=True),
-    'simplejpeg': functools.partial(_simplejpeg, dct_scaling=False),
+    'simplejpeg_pillow_resize': functools.partial(_simplejpeg, dct_scaling=False),
     'simplejpeg_dct_scaling': functools.partial(_simplejpeg, dct_scaling=True),
-    # What the Grain loader does per training image: full-size decode, resampling, flip.
+    # What the Grain loader does per training image: full-size decode, resampling as
+    # tf.image.resize (numpy gathers, XLA blends), flip.
     'grain_train_image': grain_pipeline.train_image,
 }
 
