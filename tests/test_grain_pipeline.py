@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 from bn_inception import augment
+from bn_inception import checkpoints
 from bn_inception import data_spec
 from bn_inception import errors
 from bn_inception import grain_pipeline
@@ -66,11 +67,13 @@ def _train(config, steps, batch=5, **kwargs):
   return [next(batches) for _ in range(steps)]
 
 
-def test_training_and_evaluation_run_where_tensorflow_cannot_be_imported(grain_imagenet,
-                                                                         tmp_path):
-  # The entry point, two steps of the network at its smallest and an evaluation, in a process in
-  # which importing TensorFlow fails and leaves a trace (an attempt caught by the code would not
-  # show otherwise). The compiled programs are cached across test runs, as in test_faults.
+def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot_be_imported(
+    grain_imagenet, tmp_path):
+  # The entry point on two processes (the launcher, one device each) in which importing TensorFlow
+  # fails and leaves a trace (an attempt caught by the code would not show otherwise): two
+  # colour-distorted steps of the network at its smallest, checkpoints at both, and an evaluation
+  # that sees each of the 12 images once. A copy of the run at step 1, resumed on two processes,
+  # ends in step 2's checkpoint bit for bit: each process's loader starts at the step's position.
   blocker = tmp_path / 'no_tensorflow'
   blocker.mkdir()
   attempts = tmp_path / 'tensorflow_imports'
@@ -79,21 +82,36 @@ def test_training_and_evaluation_run_where_tensorflow_cannot_be_imported(grain_i
       f'with open({os.fspath(attempts)!r}, "a") as f:\n'
       '  traceback.print_stack(file=f)\n'
       'raise ImportError("TensorFlow is not installed")\n')
-  workdir = tmp_path / 'run'
-  args = [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py',
-          f'--workdir={workdir}', f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
-          '--config.dataset.loader=grain', '--config.dataset.image_size=32',
-          '--config.model.width=0.125', '--config.batch_size=4', '--config.model.bn_group_size=4',
-          '--config.num_train_steps=2', '--config.eval_every_steps=2',
-          '--config.log_every_steps=1', '--config.checkpoint_every_steps=2']
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
              PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]))
-  run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-                       check=False)
-  assert not attempts.exists(), attempts.read_text()
-  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-  metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  assert [m['eval_top1'] for m in metrics if 'eval_top1' in m], metrics
+
+  def train(workdir):
+    args = [sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+            sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py',
+            f'--workdir={workdir}', f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
+            '--config.dataset.loader=grain', '--config.dataset.image_size=32',
+            '--config.dataset.distortion_strength=1.0', '--config.model.width=0.125',
+            '--config.batch_size=8', '--config.model.bn_group_size=4',
+            '--config.num_train_steps=2', '--config.eval_every_steps=2',
+            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1']
+    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+                         check=False)
+    assert not attempts.exists(), attempts.read_text()
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout + run.stderr
+
+  out = train(tmp_path / 'straight')
+  assert out.count('Process 1 of 2') == 1, out
+  metrics = [json.loads(line)
+             for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+  assert [m['eval_examples'] for m in metrics if 'eval_examples' in m] == [12], metrics
+  shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed',
+                  ignore=shutil.ignore_patterns('2', 'metrics.jsonl'))
+  assert 'Resumed from the checkpoint at step 1' in train(tmp_path / 'resumed')
+  straight, resumed = (checkpoints.restore_latest(
+      checkpoints.manager(os.fspath(tmp_path / run), read_only=True), step=2,
+      only=('params', 'batch_stats', 'opt_state'))[1] for run in ('straight', 'resumed'))
+  np.testing.assert_equal(resumed, straight)
 
 
 def test_evaluation_sees_every_image_once(grain_imagenet):
