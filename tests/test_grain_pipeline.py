@@ -168,29 +168,6 @@ def test_resume_is_exact(grain_imagenet, shuffle):
   np.testing.assert_array_equal(resumed[0]['image'], hosts[1][2]['image'])
 
 
-def test_distorted_training_stopped_and_resumed_is_bitwise_one_run(grain_imagenet, tmp_path,
-                                                                    caplog):
-  # The colour distortions come from the step's key in the training step: a run resumed from its
-  # checkpoint at step 2 ends in exactly the state of the run that went on to step 4.
-  from bn_inception import train  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.dataset = grain_imagenet.config.copy_and_resolve_references()
-  config.dataset.distortion_strength = 1.0
-  config.model.update(width=0.125, bn_group_size=4)
-  config.batch_size, config.num_train_steps = 8, 4
-  config.log_every_steps = config.checkpoint_every_steps = 2
-  config.eval_every_steps = 100  # the last step's evaluation only
-  assert input_pipeline.distortion_strength(config.dataset) == 1.0
-  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
-  shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed')
-  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '4')
-  caplog.set_level('INFO')
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'resumed'))
-  assert 'Resumed from the checkpoint at step 2' in caplog.text
-  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
-    np.testing.assert_array_equal(a, b)
-
-
 def test_crop_windows_follow_tensorflows_distribution():
   tf = pytest.importorskip('tensorflow')
   height, width, n = 300, 400, 2000
