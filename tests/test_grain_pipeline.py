@@ -70,8 +70,8 @@ def _train(config, steps, batch=5, **kwargs):
 def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot_be_imported(
     grain_imagenet, tmp_path):
   # The entry point on two processes (the launcher, one device each) in which importing TensorFlow
-  # fails and leaves a trace (an attempt caught by the code would not show otherwise): two
-  # colour-distorted steps of the network at its smallest, checkpoints at both, and an evaluation
+  # fails and leaves a trace (an attempt caught by the code would not show otherwise): two steps of
+  # the network at its smallest, colour-distorted in the step, checkpoints at both, and an evaluation
   # that sees each of the 12 images once. A copy of the run at step 1, resumed on two processes,
   # ends in step 2's checkpoint bit for bit: each process's loader starts at the step's position.
   blocker = tmp_path / 'no_tensorflow'
@@ -85,15 +85,14 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
              PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]))
 
-  def train(workdir):
+  def train(workdir, *overrides):
     args = [sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
             sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py',
             f'--workdir={workdir}', f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
             '--config.dataset.loader=grain', '--config.dataset.image_size=32',
-            '--config.dataset.distortion_strength=1.0', '--config.model.width=0.125',
-            '--config.batch_size=8', '--config.model.bn_group_size=4',
+            '--config.model.width=0.125', '--config.batch_size=8', '--config.model.bn_group_size=4',
             '--config.num_train_steps=2', '--config.eval_every_steps=2',
-            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1']
+            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1', *overrides]
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
                          check=False)
     assert not attempts.exists(), attempts.read_text()
@@ -107,7 +106,9 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
   assert [m['eval_examples'] for m in metrics if 'eval_examples' in m] == [12], metrics
   shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed',
                   ignore=shutil.ignore_patterns('2', 'metrics.jsonl'))
-  assert 'Resumed from the checkpoint at step 1' in train(tmp_path / 'resumed')
+  # (not evaluated again: the evaluation's programs compile in each process)
+  out = train(tmp_path / 'resumed', '--config.eval_every_steps=100')
+  assert 'Resumed from the checkpoint at step 1' in out, out
   straight, resumed = (checkpoints.restore_latest(
       checkpoints.manager(os.fspath(tmp_path / run), read_only=True), step=2,
       only=('params', 'batch_stats', 'opt_state'))[1] for run in ('straight', 'resumed'))
