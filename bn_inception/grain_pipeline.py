@@ -35,8 +35,9 @@ from bn_inception import errors
 CONVERT_MESSAGE = """\
 {name} in {data_dir} is stored as {file_format}; loader='grain' reads array_record. Add an \
 array_record copy beside it once, without preparing again, where TensorFlow is installed: \
-pip install apache-beam && tfds convert_format --dataset_version_dir={data_dir} \
---out_file_format=array_record (or use --config.dataset.loader=tf_data)."""
+pip install apache-beam && python -m tensorflow_datasets.scripts.convert_format \
+--dataset_version_dir={data_dir} --out_file_format=array_record (or use \
+--config.dataset.loader=tf_data)."""
 
 
 # ---------------------------------------------------------------------------------------------------
