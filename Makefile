@@ -38,10 +38,11 @@ demo: $(DEMO_STAMP)
 # Every test runs: a missing torch or port fails the converter's parity tests instead of skipping
 # them (tests/optional_deps.py). Test files run in parallel, a file's tests in one process (its
 # module fixtures train once): one test process leaves most of a second core idle, as compiling is
-# single-threaded.
+# single-threaded. The longest files start first, in tests/conftest.py's order (LONGEST_FIRST).
 TEST_PROCESSES ?= auto --maxprocesses=4
 test: $(STAMP)
-	BN_INCEPTION_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile tests
+	BN_INCEPTION_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile \
+	  --no-loadscope-reorder tests
 
 # The wheels a GPU machine of the `device` tool lacks (scripts/gpu_wheels.txt), for Python 3.12 on
 # x86-64 Linux, into .whl/ (git-ignored), which the device call carries: docs/benchmarks.md, "GPU check".

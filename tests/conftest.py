@@ -52,3 +52,15 @@ import jax  # noqa: E402
 jax.config.update('jax_disable_most_optimizations', True)
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+# The files that take longest, first, each to its own test process (make test passes
+# --no-loadscope-reorder, so that pytest-xdist keeps this order rather than putting the files with
+# the most tests first): the long ones no longer start last and finish alone, and test_train
+# compiles the tiny networks most other files reuse from the compilation cache before they ask.
+LONGEST_FIRST = ('test_demo.py', 'test_train.py', 'test_multihost.py', 'test_grain_pipeline.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = lambda item: (LONGEST_FIRST.index(item.path.name) if item.path.name in LONGEST_FIRST
+                       else len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the order within a file, and of the other files, stays
