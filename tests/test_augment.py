@@ -11,7 +11,6 @@ import pytest
 
 from bn_inception import augment
 from bn_inception import data_spec
-from bn_inception import input_pipeline
 from bn_inception import train
 from configs import default
 

@@ -18,9 +18,11 @@ from bn_inception import augment
 from bn_inception import checkpoints
 from bn_inception import data_spec
 from bn_inception import errors
+from bn_inception import evaluate
 from bn_inception import grain_pipeline
 from bn_inception import imagenet_archives
 from bn_inception import input_pipeline
+from bn_inception import predictions
 from configs import default
 from conftest import xla_flags
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
@@ -46,7 +48,9 @@ def grain_imagenet(tmp_path_factory):
                file_format='array_record').download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
                                                    num_shards=3))
-  return types.SimpleNamespace(config=_config(root), manifest=manifest, root=root)
+  label_index = {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
+  return types.SimpleNamespace(config=_config(root), manifest=manifest, root=root,
+                               label_index=label_index)
 
 
 def test_first_run_prepares_array_record(grain_imagenet, tmp_path):
@@ -69,11 +73,8 @@ def _train(config, steps, batch=5, **kwargs):
 
 def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot_be_imported(
     grain_imagenet, tmp_path):
-  # The entry point on two processes (the launcher, one device each) in which importing TensorFlow
-  # fails and leaves a trace (an attempt caught by the code would not show otherwise): two steps of
-  # the network at its smallest, colour-distorted in the step, checkpoints at both, and an evaluation
-  # that sees each of the 12 images once. A copy of the run at step 1, resumed on two processes,
-  # ends in step 2's checkpoint bit for bit: each process's loader starts at the step's position.
+  # The entry points on two processes (the launcher, one device each) in which importing
+  # TensorFlow fails and leaves a trace (an attempt caught by the code would not show otherwise).
   blocker = tmp_path / 'no_tensorflow'
   blocker.mkdir()
   attempts = tmp_path / 'tensorflow_imports'
@@ -85,34 +86,56 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
              PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]))
 
-  def train(workdir, *overrides):
-    args = [sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
-            sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py',
-            f'--workdir={workdir}', f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
-            '--config.dataset.loader=grain', '--config.dataset.image_size=32',
-            '--config.model.width=0.125', '--config.batch_size=8', '--config.model.bn_group_size=4',
-            '--config.num_train_steps=2', '--config.eval_every_steps=2',
-            '--config.log_every_steps=1', '--config.checkpoint_every_steps=1', *overrides]
-    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
-                         check=False)
+  def launch(module, *args):
+    run = subprocess.run([sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+                          sys.executable, '-m', module, *args],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert not attempts.exists(), attempts.read_text()
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout + run.stderr
 
-  out = train(tmp_path / 'straight')
+  def train(workdir, *overrides):
+    return launch('bn_inception.main', '--config=configs/bn_x30.py', f'--workdir={workdir}',
+                  f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
+                  '--config.dataset.loader=grain', '--config.dataset.image_size=32',
+                  '--config.model.width=0.125', '--config.batch_size=8',
+                  '--config.model.bn_group_size=4', '--config.num_train_steps=2',
+                  '--config.eval_every_steps=2', '--config.log_every_steps=1',
+                  '--config.checkpoint_every_steps=1', *overrides)
+
+  # Two steps of the network at its smallest, colour-distorted in the step, checkpoints at both,
+  # and an evaluation that sees each of the 12 images once.
+  straight = tmp_path / 'straight'
+  out = train(straight)
   assert out.count('Process 1 of 2') == 1, out
-  metrics = [json.loads(line)
-             for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+  metrics = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
   assert [m['eval_examples'] for m in metrics if 'eval_examples' in m] == [12], metrics
-  shutil.copytree(tmp_path / 'straight', tmp_path / 'resumed',
+
+  # evaluate's command: the predictions file, written by process 0 alone (6 of the 12 images a
+  # process, in padded batches), holds every image once with its label and the probabilities of a
+  # one-process evaluation.
+  output = tmp_path / 'val.npz'
+  out = launch('bn_inception.evaluate', f'--workdir={straight}', f'--output={output}')
+  assert f'[0] Wrote {output}' in out and '[1] Wrote' not in out, out
+  p = predictions.load(str(output)).sorted_by_id()
+  validation = grain_imagenet.manifest['validation']
+  assert p.ids.tolist() == sorted(validation)
+  assert p.labels.tolist() == [grain_imagenet.label_index[validation[i]] for i in p.ids]
+  one = evaluate.evaluate_checkpoint(checkpoints.read_config(str(straight)), str(straight),
+                                     batch_size=8).sorted_by_id()
+  np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
+
+  # A copy of the run at step 1, resumed on two processes, ends in step 2's checkpoint bit for
+  # bit: each process's loader starts at the step's position (not evaluated again: the
+  # evaluation's programs compile in each process).
+  shutil.copytree(straight, tmp_path / 'resumed',
                   ignore=shutil.ignore_patterns('2', 'metrics.jsonl'))
-  # (not evaluated again: the evaluation's programs compile in each process)
   out = train(tmp_path / 'resumed', '--config.eval_every_steps=100')
   assert 'Resumed from the checkpoint at step 1' in out, out
-  straight, resumed = (checkpoints.restore_latest(
+  straight_state, resumed_state = (checkpoints.restore_latest(
       checkpoints.manager(os.fspath(tmp_path / run), read_only=True), step=2,
       only=('params', 'batch_stats', 'opt_state'))[1] for run in ('straight', 'resumed'))
-  np.testing.assert_equal(resumed, straight)
+  np.testing.assert_equal(resumed_state, straight_state)
 
 
 def test_evaluation_sees_every_image_once(grain_imagenet):
@@ -289,8 +312,8 @@ def test_resampling_is_tensorflows(small_photographs):
 def test_tfrecord_copy_gets_the_conversion_command(tiny_imagenet):  # noqa: F811
   config = tiny_imagenet.config.copy_and_resolve_references()
   config.loader = 'grain'
-  with pytest.raises(errors.InputFileError,
-                     match='apache-beam.*tensorflow_datasets.scripts.convert_format .*array_record'):
+  command = 'apache-beam.*tensorflow_datasets.scripts.convert_format .*array_record'
+  with pytest.raises(errors.InputFileError, match=command):
     input_pipeline.get_info(config)
 
 
@@ -300,7 +323,8 @@ def test_a_tfrecord_copy_converted_by_tfds_is_read(tiny_imagenet, tmp_path,  # n
   # tfrecord ones and says so in dataset_info.json. Its module imports Apache Beam for its Beam
   # path only: a stand-in lets the sequential path run here, without installing Beam.
   monkeypatch.setitem(sys.modules, 'apache_beam', types.SimpleNamespace(DoFn=object))
-  from tensorflow_datasets.scripts.cli import convert_format_utils  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tensorflow_datasets.scripts.cli import convert_format_utils
   converted = tmp_path / 'data' / 'imagenet2012' / '5.1.0'
   shutil.copytree(os.path.join(tiny_imagenet.config.data_dir, 'imagenet2012', '5.1.0'), converted)
   convert_format_utils.convert_dataset(out_dir=None, out_file_format='array_record',

@@ -1,6 +1,7 @@
 """Several processes for real, on 127.0.0.1: two processes train as one run, a lost one stops the
-other within the heartbeat timeout, SIGTERM stops both at one step and the run resumes bitwise,
-evaluation counts every example once; Ctrl-C saves and says where the run resumes.
+other within the heartbeat timeout, SIGTERM stops both at one step and the run resumes bitwise;
+Ctrl-C saves and says where the run resumes. (Evaluation on two processes, every example once, is
+tested on the Grain loader's run in test_grain_pipeline.py.)
 
 The suite's most expensive tests: every launch starts processes that each compile (JAX reads the
 persistent compilation cache on every process, but on CPUs only process 0 finds its programs
@@ -24,13 +25,9 @@ import numpy as np
 import pytest
 
 from bn_inception import checkpoints
-from bn_inception import evaluate
 from bn_inception import launch
-from bn_inception import predictions
 from bn_inception import train
-from configs import default
 from conftest import xla_flags
-from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from test_train import tiny_config, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,38 +198,6 @@ def test_sigterm_stops_both_processes_at_one_step_and_the_resumed_run_is_bitwise
   assert logged_steps(out) == sorted(2 * list(range(2, step + 1))), out
   assert 1 < step <= 3, out  # the reference holds steps 1 ... 3
   np.testing.assert_equal(restore(workdir, step), restore(reference, step))
-
-
-def test_evaluation_on_two_processes_counts_every_image_once(tiny_imagenet, start, tmp_path):  # noqa: F811
-  """Freshly initialised weights on the tiny ImageNet archives, evaluated by two processes (6 of
-  the 12 validation images each, in padded batches): the predictions file, written by process 0
-  alone, holds every image once with its label and the probabilities of a one-process evaluation."""
-  config = default.get_config()
-  config.dataset = tiny_imagenet.config
-  config.model.width = 0.125
-  config.eval_batch_size = 8  # 4 per process: each process's 6 images take 2 batches, 2 padded
-  workdir = str(tmp_path / 'run')
-  mesh = train.make_mesh()
-  state = train.setup(config, 1000, mesh).init()
-  checkpoints.write_config(workdir, config, 0)
-  mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 0, state)
-  mngr.wait_until_finished()
-  output = tmp_path / 'val.npz'
-  processes = start([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
-                      sys.executable, '-m', 'bn_inception.evaluate', f'--workdir={workdir}',
-                      f'--output={output}']], environment())
-  assert processes.wait(300) == [0], processes.output()
-  out = processes.output()
-  assert re.search(r'\[0\] step 0 \(paper step 0\), crops=center, .* 12 examples', out), out
-  assert f'[0] Wrote {output}' in out and '[1] step 0' not in out and '[1] Wrote' not in out, out
-  p = predictions.load(str(output)).sorted_by_id()
-  val = tiny_imagenet.manifest['validation']
-  assert p.ids.tolist() == sorted(val)
-  assert p.labels.tolist() == [tiny_imagenet.label_index[val[i]] for i in p.ids]
-  one = evaluate.evaluate_checkpoint(config, workdir, batch_size=8).sorted_by_id()
-  np.testing.assert_array_equal(one.ids, p.ids)
-  np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
 
 
 def test_launcher_ends_the_others_when_one_process_fails(start):

@@ -5,7 +5,6 @@ every process within --failure_timeout, each naming the failed process.
 Every wait has a timeout and every process started is killed at the end (test_multihost's
 `start` fixture)."""
 
-import os
 import sys
 import time
 
