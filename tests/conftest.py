@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import psutil
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # XLA's CPU compiler is faster on these small networks with its older fusion emitters (~1.5x, on
@@ -47,11 +49,36 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = os.path.join(REPO, '.pytest_cache', 'j
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import jax  # noqa: E402
+import jaxlib.version  # noqa: E402
 
 # In case a plugin imported JAX before the environment above was set.
 jax.config.update('jax_disable_most_optimizations', True)
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+# jaxlib 0.12.1 on CPUs: when one process of a run loads a program from the persistent compilation
+# cache and another compiles it, both hang at their first collective (seen: two processes never end
+# step 1; jaxlib 0.11.2 and 0.12.0 run the same launch). Process 1 never finds its programs there
+# anyway (JAX keys them by each process's CPU topology), so there a launch of several processes
+# does without the cache: add SEVERAL_PROCESSES_ENV to its environment.
+SEVERAL_PROCESSES_ENV = ({'JAX_ENABLE_COMPILATION_CACHE': 'false'}
+                         if jaxlib.version.__version_info__ >= (0, 12, 1) else {})
+
+
+def kill_tree(pid: int) -> None:
+  """Kills a process and every process it started: the launcher (bn_inception.launch) starts each
+  in a session of its own, which its process group does not reach."""
+  try:
+    process = psutil.Process(pid)
+    tree = [*process.children(recursive=True), process]
+  except psutil.NoSuchProcess:
+    return
+  for p in tree:
+    try:
+      p.kill()
+    except psutil.NoSuchProcess:
+      pass
+
 
 # The files that take longest, first, each to its own test process (make test passes
 # --no-loadscope-reorder, so that pytest-xdist keeps this order rather than putting the files with

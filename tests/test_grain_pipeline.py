@@ -24,6 +24,8 @@ from bn_inception import imagenet_archives
 from bn_inception import input_pipeline
 from bn_inception import predictions
 from configs import default
+from conftest import SEVERAL_PROCESSES_ENV
+from conftest import kill_tree
 from conftest import xla_flags
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from imagenet_fixture import write_archives
@@ -84,15 +86,21 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
       '  traceback.print_stack(file=f)\n'
       'raise ImportError("TensorFlow is not installed")\n')
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
-             PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]))
+             PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]), **SEVERAL_PROCESSES_ENV)
 
   def launch(module, *args):
-    run = subprocess.run([sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
-                          sys.executable, '-m', module, *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    launcher = subprocess.Popen([sys.executable, '-m', 'bn_inception.launch', '--num_processes=2',
+                                 '--', sys.executable, '-m', module, *args],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+      out = launcher.communicate(timeout=400)[0]
+    except subprocess.TimeoutExpired:
+      kill_tree(launcher.pid)  # and the processes it started
+      pytest.fail(f'still running after 400 s:\n{launcher.communicate()[0][-6000:]}')
     assert not attempts.exists(), attempts.read_text()
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout + run.stderr
+    assert launcher.returncode == 0, out[-6000:]
+    return out
 
   def train(workdir, *overrides):
     return launch('bn_inception.main', '--config=configs/bn_x30.py', f'--workdir={workdir}',

@@ -27,6 +27,8 @@ import pytest
 from bn_inception import checkpoints
 from bn_inception import launch
 from bn_inception import train
+from conftest import SEVERAL_PROCESSES_ENV
+from conftest import kill_tree
 from conftest import xla_flags
 from test_train import tiny_config, tiny_flags
 
@@ -50,9 +52,10 @@ def train_command(workdir, **overrides):
           *tiny_flags(OVERRIDES, **overrides)]
 
 
-def environment(devices_per_process=4):
+def environment(devices_per_process=4, processes=2):
   return dict(os.environ, XLA_FLAGS=xla_flags(devices_per_process),
-              PYTHONPATH=REPO, PYTHONUNBUFFERED='1')
+              PYTHONPATH=REPO, PYTHONUNBUFFERED='1',
+              **(SEVERAL_PROCESSES_ENV if processes > 1 else {}))
 
 
 class Processes:
@@ -94,7 +97,7 @@ class Processes:
   def kill(self):
     for p in self.procs:
       if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         p.wait()
 
 
@@ -219,7 +222,7 @@ def test_ctrl_c_saves_and_says_where_the_run_resumes(start, tmp_path):
   """Ctrl-C (SIGINT) on a one-process run: a checkpoint at the interrupted step, exit status 130
   and, last, one line naming the checkpoint the run will resume from; no traceback."""
   workdir = tmp_path / 'run'
-  processes = start([train_command(workdir)], environment(devices_per_process=8))
+  processes = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
   processes.wait_for(lambda: 2 in logged_steps(processes.output()), 300, 'step 2')
   processes.procs[0].send_signal(signal.SIGINT)
   assert processes.wait(120) == [130], processes.output()
