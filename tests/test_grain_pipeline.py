@@ -4,6 +4,7 @@ prepared by TFDS's own imagenet2012 builder from tiny archives in the ImageNet l
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,7 +125,8 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
   # one-process evaluation.
   output = tmp_path / 'val.npz'
   out = launch('bn_inception.evaluate', f'--workdir={straight}', f'--output={output}')
-  assert f'[0] Wrote {output}' in out and '[1] Wrote' not in out, out
+  assert re.search(r'\[0\] step 2 \(paper step \d+\), crops=center, .* 12 examples', out), out
+  assert f'[0] Wrote {output}' in out and '[1] step' not in out and '[1] Wrote' not in out, out
   p = predictions.load(str(output)).sorted_by_id()
   validation = grain_imagenet.manifest['validation']
   assert p.ids.tolist() == sorted(validation)
