@@ -7,24 +7,27 @@ STAMP := $(VENV)/.installed
 # gigabytes of CUDA libraries (the install counts against the demo's minutes).
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
+# pip byte-compiles every module it installs (TensorFlow's and torch's thousands: about half of the
+# install's minute and a half); without it Python compiles only the modules a run imports, once.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile
 
 .PHONY: demo test install clean gpu-wheels
 
 $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e .
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e .
 	touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) -e '.[test]'
 	# The converter's parity tests: torch (CPU) and the port's module, without its torchvision.
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet --no-deps pretrainedmodels==0.7.4
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) --no-deps pretrainedmodels==0.7.4
 	# ReaL's published real.json for the evaluation-set tests, byte-identical inside timm's wheel.
-	$(BIN)/python -m pip install --quiet --no-deps timm==1.0.31
+	$(PIP_INSTALL) --no-deps timm==1.0.31
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
 """Several processes for real, on 127.0.0.1: two processes train as one run, a lost one stops the
 other within the heartbeat timeout, SIGTERM stops both at one step and the run resumes bitwise;
-Ctrl-C saves and says where the run resumes. (Evaluation on two processes, every example once, is
-tested on the Grain loader's run in test_grain_pipeline.py.)
+on one process, Ctrl-C and SIGTERM save and the run resumes where Ctrl-C said. (Evaluation on two
+processes, every example once, is tested on the Grain loader's run in test_grain_pipeline.py.)
 
 The suite's most expensive tests: every launch starts processes that each compile (JAX reads the
 persistent compilation cache on every process, but on CPUs only process 0 finds its programs
@@ -218,18 +218,34 @@ def test_launcher_ends_the_others_when_one_process_fails(start):
   assert 'statuses: 137, 3' in out, out  # process 0 killed (128 + SIGKILL)
 
 
-def test_ctrl_c_saves_and_says_where_the_run_resumes(start, tmp_path):
-  """Ctrl-C (SIGINT) on a one-process run: a checkpoint at the interrupted step, exit status 130
-  and, last, one line naming the checkpoint the run will resume from; no traceback."""
+def test_one_process_ctrl_c_and_sigterm_save_and_resume_where_said(start, tmp_path):
+  """One process (its own signal handlers; several processes stop through JAX's pre-emption
+  notifier, tested above). Ctrl-C (SIGINT): a checkpoint at the interrupted step, exit status 130
+  and, last, one line naming the checkpoint the run will resume from; no traceback. The same
+  command resumes from that step; SIGTERM then saves the step it is at and exits 0."""
   workdir = tmp_path / 'run'
-  processes = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
-  processes.wait_for(lambda: 2 in logged_steps(processes.output()), 300, 'step 2')
-  processes.procs[0].send_signal(signal.SIGINT)
-  assert processes.wait(120) == [130], processes.output()
-  out = processes.output()
+  interrupted = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
+  interrupted.wait_for(lambda: 2 in logged_steps(interrupted.output()), 300, 'step 2')
+  interrupted.procs[0].send_signal(signal.SIGINT)
+  assert interrupted.wait(120) == [130], interrupted.output()
+  out = interrupted.output()
   steps = checkpoints.manager(str(workdir), read_only=True).all_steps()
   assert len(steps) == 1 and steps[0] >= 2, out
   assert out.strip().splitlines()[-1] == (
       f'Interrupted: rerun the same command to resume from step {steps[0]} (the checkpoint in '
       f'{workdir}/checkpoints).'), out
+  assert 'Traceback' not in out, out
+
+  resumed = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
+  resumed.wait_for(lambda: steps[0] + 2 in logged_steps(resumed.output()), 300,
+                   f'step {steps[0] + 2}')
+  resumed.procs[0].send_signal(signal.SIGTERM)
+  assert resumed.wait(120) == [0], resumed.output()
+  out = resumed.output()
+  assert f'Resumed from the checkpoint at step {steps[0]}' in out, out
+  assert logged_steps(out)[0] == steps[0] + 1, out
+  saved = re.findall(r'Pre-empted: checkpoint saved at step (\d+)', out)
+  assert len(saved) == 1 and int(saved[0]) >= steps[0] + 2, out
+  assert sorted(checkpoints.manager(str(workdir), read_only=True).all_steps()) == [
+      steps[0], int(saved[0])]
   assert 'Traceback' not in out, out

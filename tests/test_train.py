@@ -1,4 +1,5 @@
-"""The training loop: learning on digits, exact resume, pre-emption, divergence, devices, optimiser.
+"""The training loop: learning on digits, exact resume, divergence, devices, optimiser (signals and
+pre-emption: test_multihost.py).
 
 Most tests share one kind of run (`ema_config`: dropout, an EMA, a learning-rate decay every 2.5
 steps), so that they share one compiled training step (the persistent compilation cache of
@@ -9,10 +10,6 @@ import itertools
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -31,7 +28,6 @@ from bn_inception import run_dir
 from bn_inception import train
 from configs import bn_x30
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TRAIN = 1437  # examples in the digits training split
 
 
@@ -322,33 +318,6 @@ def test_one_and_eight_devices_take_the_same_steps():
     changes.append(jax.tree.map(np.subtract, variables(state), initial))
   for one, eight in zip(leaves(changes[0]), leaves(changes[1]), strict=True):
     assert np.abs(one - eight).max() <= 2e-2 * np.abs(one).max()
-
-
-def test_sigterm_saves_a_resumable_checkpoint_and_exits_cleanly(tmp_path):
-  workdir = tmp_path / 'run'
-  args = [sys.executable, '-m', 'bn_inception.main', f'--workdir={workdir}',
-          *tiny_flags(num_train_steps=100000, log_every_steps=1, checkpoint_every_steps=100000,
-                      eval_every_steps=100000)]
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
-  try:
-    deadline = time.time() + 240
-    while not (workdir / 'metrics.jsonl').exists() or len(read_metrics(workdir)) < 2:
-      assert proc.poll() is None, proc.stdout.read().decode()
-      assert time.time() < deadline, 'training did not start in time'
-      time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    output = proc.communicate(timeout=120)[0].decode()
-  finally:
-    proc.kill()
-  assert proc.returncode == 0, output
-  assert 'Pre-empted' in output
-  steps = checkpoints.manager(str(workdir), read_only=True).all_steps()
-  assert len(steps) == 1 and 2 <= steps[0] < 100000
-  config = tiny_config(num_train_steps=steps[0] + 1, eval_every_steps=100000)
-  state = train.train_and_evaluate(config, str(workdir))
-  assert int(state.step) == steps[0] + 1  # resumed, not restarted
 
 
 @pytest.mark.parametrize('batch_size, group_size, match', [
