@@ -103,6 +103,11 @@ def write_archives(manual_dir, seed=0, images_per_synset=IMAGES_PER_SYNSET, size
   return manifest
 
 
+def label_index() -> dict[str, int]:
+  """Synset -> TFDS's imagenet2012 class index."""
+  return {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
+
+
 @pytest.fixture(scope='session')
 def tiny_imagenet(tmp_path_factory):
   """The archives, prepared once per session by TFDS's imagenet2012 builder into several shards.
@@ -122,5 +127,4 @@ def tiny_imagenet(tmp_path_factory):
   config.data_dir = os.fspath(root / 'data')
   config.manual_dir = os.fspath(root / 'manual')
   config.image_size = 32
-  label_index = {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
-  return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index)
+  return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index())

@@ -28,6 +28,7 @@ from configs import default
 from conftest import SEVERAL_PROCESSES_ENV
 from conftest import kill_tree
 from conftest import xla_flags
+from imagenet_fixture import label_index
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from imagenet_fixture import write_archives
 
@@ -51,9 +52,8 @@ def grain_imagenet(tmp_path_factory):
                file_format='array_record').download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
                                                    num_shards=3))
-  label_index = {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
   return types.SimpleNamespace(config=_config(root), manifest=manifest, root=root,
-                               label_index=label_index)
+                               label_index=label_index())
 
 
 def test_first_run_prepares_array_record(grain_imagenet, tmp_path):
