@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
@@ -475,15 +476,29 @@ def _programs(config: ml_collections.FrozenConfigDict, hyperparameter_names: tup
 # ------------------------------------------------------------------------------------------------
 # Logging.
 # ------------------------------------------------------------------------------------------------
+def _import_tensorboardx():
+  """tensorboardX without torch: where torch is installed, tensorboardX imports it only to annotate
+  its arguments, which costs every training start 1-2 s and, on a GPU host, loads torch's CUDA
+  libraries into the JAX process. An entry of None in sys.modules makes that import fail."""
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
 class MetricWriter:
   """Metrics as JSON lines (metrics.jsonl) and TensorBoard events in the workdir; host 0 only."""
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
     if self.active:
-      import tensorboardX  # pylint: disable=g-import-not-at-top
       self.path = os.path.join(workdir, 'metrics.jsonl')
-      self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.tensorboard = _import_tensorboardx().SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.active:

@@ -6,10 +6,13 @@ steps), so that they share one compiled training step (the persistent compilatio
 conftest.py) and every part of the state moves.
 """
 
+import importlib
 import itertools
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -27,7 +30,9 @@ from bn_inception import models
 from bn_inception import run_dir
 from bn_inception import train
 from configs import bn_x30
+import optional_deps
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_TRAIN = 1437  # examples in the digits training split
 
 
@@ -379,6 +384,26 @@ def test_optimizer_by_hand_momentum_and_l2_on_kernels_only():
     np.testing.assert_allclose(u2[name], -lr * trace2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(n1[name], -lr * 1.9 * trace1, rtol=1e-5, atol=1e-6)
   assert any(n.endswith("['bn']['scale']") for n in w) and "['logits']['bias']" in w
+
+
+def test_metrics_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (1-2 s at every start, and CUDA libraries on
+  a GPU host): the metric writer keeps it out of the process, and torch stays importable."""
+  optional_deps.load(lambda: importlib.util.find_spec('torch') or importlib.import_module('torch'))
+  code = """if True:
+      import sys
+      from bn_inception import train
+      writer = train.MetricWriter(sys.argv[1])
+      writer.write(1, {'loss': 2.5})
+      writer.close()
+      assert 'torch' not in sys.modules, 'torch was imported'
+      import torch
+  """
+  subprocess.run([sys.executable, '-c', code, str(tmp_path)], check=True, cwd=REPO,
+                 env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+  assert json.loads((tmp_path / 'metrics.jsonl').read_text()) == {'step': 1, 'loss': 2.5}
+  (events,) = (tmp_path / 'tensorboard').iterdir()
+  assert b'loss' in events.read_bytes()
 
 
 def test_input_convention_maps_pipeline_pixels_to_the_weights_convention():
