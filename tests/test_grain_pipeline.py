@@ -6,7 +6,7 @@ import json
 import os
 import re
 import shutil
-import subprocess
+import signal
 import sys
 import types
 
@@ -26,11 +26,12 @@ from bn_inception import input_pipeline
 from bn_inception import predictions
 from configs import default
 from conftest import SEVERAL_PROCESSES_ENV
-from conftest import kill_tree
 from conftest import xla_flags
 from imagenet_fixture import label_index
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
 from imagenet_fixture import write_archives
+from test_multihost import Processes
+from test_multihost import logged_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,10 +75,12 @@ def _train(config, steps, batch=5, **kwargs):
   return [next(batches) for _ in range(steps)]
 
 
-def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot_be_imported(
+def test_two_processes_train_evaluate_and_resume_bitwise_after_sigterm_without_tensorflow(
     grain_imagenet, tmp_path):
-  # The entry points on two processes (the launcher, one device each) in which importing
-  # TensorFlow fails and leaves a trace (an attempt caught by the code would not show otherwise).
+  """The entry points on two processes (the launcher, one device each) in which importing
+  TensorFlow fails and leaves a trace (an attempt caught by the code would not show otherwise):
+  training, evaluation, and SIGTERM (a pre-emption), which stops both processes at one step whose
+  checkpoint equals the uninterrupted run's bit for bit."""
   blocker = tmp_path / 'no_tensorflow'
   blocker.mkdir()
   attempts = tmp_path / 'tensorflow_imports'
@@ -87,32 +90,33 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
       '  traceback.print_stack(file=f)\n'
       'raise ImportError("TensorFlow is not installed")\n')
   env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
-             PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]), **SEVERAL_PROCESSES_ENV)
+             PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]), PYTHONUNBUFFERED='1',
+             **SEVERAL_PROCESSES_ENV)
 
-  def launch(module, *args):
-    launcher = subprocess.Popen([sys.executable, '-m', 'bn_inception.launch', '--num_processes=2',
-                                 '--', sys.executable, '-m', module, *args],
-                                cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+  def launch(module, *args, sigterm_when=None):
+    """The launcher's output; SIGTERM to it (passed on to both) once sigterm_when(output)."""
+    launched = Processes([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
+                           sys.executable, '-m', module, *args]], env)
     try:
-      out = launcher.communicate(timeout=400)[0]
-    except subprocess.TimeoutExpired:
-      kill_tree(launcher.pid)  # and the processes it started
-      pytest.fail(f'still running after 400 s:\n{launcher.communicate()[0][-6000:]}')
+      if sigterm_when:
+        launched.wait_for(lambda: sigterm_when(launched.output(0)), 400, 'the moment to stop')
+        launched.procs[0].send_signal(signal.SIGTERM)
+      assert launched.wait(400) == [0], launched.output(0)[-6000:]
+    finally:
+      launched.kill()
     assert not attempts.exists(), attempts.read_text()
-    assert launcher.returncode == 0, out[-6000:]
-    return out
+    return launched.output(0)
 
-  def train(workdir, *overrides):
+  def train(workdir, *overrides, **kwargs):
     return launch('bn_inception.main', '--config=configs/bn_x30.py', f'--workdir={workdir}',
                   f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
                   '--config.dataset.loader=grain', '--config.dataset.image_size=32',
                   '--config.model.width=0.125', '--config.batch_size=8',
-                  '--config.model.bn_group_size=4', '--config.num_train_steps=2',
-                  '--config.eval_every_steps=2', '--config.log_every_steps=1',
-                  '--config.checkpoint_every_steps=1', *overrides)
+                  '--config.model.bn_group_size=4', '--config.num_train_steps=3',
+                  '--config.eval_every_steps=3', '--config.log_every_steps=1',
+                  '--config.checkpoint_every_steps=1', *overrides, **kwargs)
 
-  # Two steps of the network at its smallest, colour-distorted in the step, checkpoints at both,
+  # Three steps of the network at its smallest, colour-distorted in the step, checkpoints at each,
   # and an evaluation that sees each of the 12 images once.
   straight = tmp_path / 'straight'
   out = train(straight)
@@ -125,7 +129,7 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
   # one-process evaluation.
   output = tmp_path / 'val.npz'
   out = launch('bn_inception.evaluate', f'--workdir={straight}', f'--output={output}')
-  assert re.search(r'\[0\] step 2 \(paper step \d+\), crops=center, .* 12 examples', out), out
+  assert re.search(r'\[0\] step 3 \(paper step \d+\), crops=center, .* 12 examples', out), out
   assert f'[0] Wrote {output}' in out and '[1] step' not in out and '[1] Wrote' not in out, out
   p = predictions.load(str(output)).sorted_by_id()
   validation = grain_imagenet.manifest['validation']
@@ -135,17 +139,24 @@ def test_two_processes_train_evaluate_and_resume_bitwise_where_tensorflow_cannot
                                      batch_size=8).sorted_by_id()
   np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
 
-  # A copy of the run at step 1, resumed on two processes, ends in step 2's checkpoint bit for
-  # bit: each process's loader starts at the step's position (not evaluated again: the
-  # evaluation's programs compile in each process).
-  shutil.copytree(straight, tmp_path / 'resumed',
-                  ignore=shutil.ignore_patterns('2', 'metrics.jsonl'))
-  out = train(tmp_path / 'resumed', '--config.eval_every_steps=100')
-  assert 'Resumed from the checkpoint at step 1' in out, out
-  straight_state, resumed_state = (checkpoints.restore_latest(
-      checkpoints.manager(os.fspath(tmp_path / run), read_only=True), step=2,
-      only=('params', 'batch_stats', 'opt_state'))[1] for run in ('straight', 'resumed'))
-  np.testing.assert_equal(resumed_state, straight_state)
+  # The run at step 1, resumed for longer: SIGTERM during compilation stops both processes at the
+  # same step with one checkpoint, exit status 0. Each process's loader started at the step's
+  # position: that checkpoint is the uninterrupted run's.
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(straight / 'checkpoints' / '1', resumed / 'checkpoints' / '1')
+  shutil.copy(straight / 'config.json', resumed / 'config.json')
+  out = train(resumed, '--config.num_train_steps=100', '--config.eval_every_steps=100',
+              sigterm_when=lambda out: out.count('Compiling the training step') == 2)
+  saved = re.findall(r'\[(\d)\] .*Pre-empted: checkpoint saved at step (\d+)', out)
+  assert sorted(i for i, _ in saved) == ['0', '1'] and saved[0][1] == saved[1][1], out
+  step = int(saved[0][1])
+  assert 1 < step <= 3, out  # the uninterrupted run holds steps 1 ... 3
+  assert out.count('Resumed from the checkpoint at step 1') == 2, out
+  assert logged_steps(out) == sorted(2 * list(range(2, step + 1))), out
+  assert checkpoints.manager(str(resumed), read_only=True).all_steps() == [1, step]
+  np.testing.assert_equal(*(checkpoints.restore_latest(
+      checkpoints.manager(os.fspath(run), read_only=True), step=step,
+      only=('params', 'batch_stats', 'opt_state'))[1] for run in (straight, resumed)))
 
 
 def test_evaluation_sees_every_image_once(grain_imagenet):
