@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed
 # gigabytes of CUDA libraries (the install counts against the demo's minutes).
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
-# Bytecode: pip would compile every module it installs, one file at a time (60 of the install's
-# 115 s on 2 cores), though the tests import some 40% of them. Instead each is compiled at its first
-# import, into the venv's own cache (PYTHONPYCACHEPREFIX, nothing beside the sources), for every
-# process the commands start; PYTHONDONTWRITEBYTECODE, where set, would make each compile it again.
+# pip byte-compiles what it installs one file at a time (TensorFlow's and torch's thousands: 60 of
+# the install's 115 s on 2 cores); compileall does the same on every core (34 s) once the installs
+# are done. They must be compiled here: where PYTHONDONTWRITEBYTECODE is set, imports never cache
+# them. Like pip, compileall passes over the few files written for newer Pythons (`|| true`).
 PIP_INSTALL := $(BIN)/python -m pip install --quiet --no-compile
-PYTHON_ENV := PYTHONDONTWRITEBYTECODE= PYTHONPYCACHEPREFIX=$(abspath $(VENV))/pycache
+COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 
 .PHONY: demo test install clean gpu-wheels
 
@@ -20,6 +20,7 @@ $(DEMO_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) -e .
+	$(COMPILE)
 	touch $(DEMO_STAMP)
 
 $(STAMP): pyproject.toml
@@ -31,6 +32,7 @@ $(STAMP): pyproject.toml
 	$(PIP_INSTALL) --no-deps pretrainedmodels==0.7.4
 	# ReaL's published real.json for the evaluation-set tests, byte-identical inside timm's wheel.
 	$(PIP_INSTALL) --no-deps timm==1.0.31
+	$(COMPILE)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +41,7 @@ install: $(STAMP)
 # and the Figure 1 MLP: demo_output/.
 # `make demo DEMO_ARGS=--quick` runs a tiny version.
 demo: $(DEMO_STAMP)
-	$(PYTHON_ENV) $(BIN)/python scripts/demo.py $(DEMO_ARGS)
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
 # Every test runs: a missing torch or port fails the converter's parity tests instead of skipping
 # them (tests/optional_deps.py). Test files run in parallel, a file's tests in one process (its
@@ -47,8 +49,8 @@ demo: $(DEMO_STAMP)
 # single-threaded. The longest files start first, in tests/conftest.py's order (LONGEST_FIRST).
 TEST_PROCESSES ?= auto --maxprocesses=4
 test: $(STAMP)
-	$(PYTHON_ENV) BN_INCEPTION_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) \
-	  --dist loadfile --no-loadscope-reorder tests
+	BN_INCEPTION_REQUIRE_TORCH=1 $(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile \
+	  --no-loadscope-reorder tests
 
 # The wheels a GPU machine of the `device` tool lacks (scripts/gpu_wheels.txt), for Python 3.12 on
 # x86-64 Linux, into .whl/ (git-ignored), which the device call carries: docs/benchmarks.md, "GPU check".
