@@ -186,7 +186,7 @@ def test_launcher_ends_the_others_when_one_process_fails(start):
 
 def test_one_process_ctrl_c_and_sigterm_save_and_resume_where_said(start, tmp_path):
   """One process (its own signal handlers; several processes stop through JAX's pre-emption
-  notifier, tested above). Ctrl-C (SIGINT): a checkpoint at the interrupted step, exit status 130
+  notifier, tested in test_grain_pipeline.py). Ctrl-C (SIGINT): a checkpoint at the interrupted step, exit status 130
   and, last, one line naming the checkpoint the run will resume from; no traceback. The same
   command resumes from that step; SIGTERM then saves the step it is at and exits 0."""
   workdir = tmp_path / 'run'

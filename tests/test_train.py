@@ -389,6 +389,7 @@ def test_optimizer_by_hand_momentum_and_l2_on_kernels_only():
 def test_metrics_are_written_without_importing_torch(tmp_path):
   """tensorboardX imports torch where it is installed (1-2 s at every start, and CUDA libraries on
   a GPU host): the metric writer keeps it out of the process, and torch stays importable."""
+  # torch installed, not imported here: find_spec, or the import's error for optional_deps.
   optional_deps.load(lambda: importlib.util.find_spec('torch') or importlib.import_module('torch'))
   code = """if True:
       import sys
