@@ -39,7 +39,11 @@ def xla_flags(devices: int = 8) -> str:
   return f'--xla_force_host_platform_device_count={devices} {fast_compile_flags()}'.strip()
 
 
-os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()
+# Once: pytest-xdist's workers inherit the controller's environment, and XLA flags given twice
+# would key every program differently from the same program in a test's subprocess (JAX's cache
+# key hashes the flags), which then never finds it in the cache.
+if xla_flags() not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags()}".strip()
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The tests run small networks for a few steps: compile time dominates, not run time.
@@ -84,7 +88,7 @@ def kill_tree(pid: int) -> None:
 # --no-loadscope-reorder, so that pytest-xdist keeps this order rather than putting the files with
 # the most tests first): the long ones no longer start last and finish alone, and test_train
 # compiles the tiny networks most other files reuse from the compilation cache before they ask.
-LONGEST_FIRST = ('test_demo.py', 'test_train.py', 'test_multihost.py', 'test_grain_pipeline.py')
+LONGEST_FIRST = ('test_demo.py', 'test_train.py', 'test_multihost.py')
 
 
 def pytest_collection_modifyitems(items):

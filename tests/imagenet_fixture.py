@@ -1,4 +1,4 @@
-"""Tiny ImageNet archives in the real ILSVRC2012 layout, and a session fixture that prepares them.
+"""Tiny ImageNet archives in the real ILSVRC2012 layout, and session fixtures that prepare them.
 
 `write_archives(manual_dir)` writes the two files a user downloads from image-net.org, in miniature
 (bn_inception/imagenet_archives.py writes the layout), with the odd files real ImageNet has: grayscale,
@@ -128,3 +128,27 @@ def tiny_imagenet(tmp_path_factory):
   config.manual_dir = os.fspath(root / 'manual')
   config.image_size = 32
   return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index())
+
+
+def grain_config(root, **overrides):
+  """A config.dataset for the Grain loader on root/data (prepared from root/manual) at 32 x 32."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config().dataset
+  config.update({'data_dir': os.fspath(root / 'data'), 'manual_dir': os.fspath(root / 'manual'),
+                 'image_size': 32, 'loader': 'grain', **overrides})
+  return config
+
+
+@pytest.fixture(scope='session')
+def grain_imagenet(tmp_path_factory):
+  """The archives prepared as array_record by TFDS's builder, in several files, for the Grain
+  loader: a namespace of `config` (grain_config), `manifest`, `root`, `label_index`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('grain_imagenet')
+  manifest = write_archives(root / 'manual')
+  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data'),
+               file_format='array_record').download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
+                                                   num_shards=3))
+  return types.SimpleNamespace(config=grain_config(root), manifest=manifest, root=root,
+                               label_index=label_index())

@@ -1,12 +1,10 @@
 """The TensorFlow-free loader (config.dataset.loader='grain'): Grain over TFDS array_record files,
-prepared by TFDS's own imagenet2012 builder from tiny archives in the ImageNet layout."""
+prepared by TFDS's own imagenet2012 builder from tiny archives in the ImageNet layout. (The entry
+points on the Grain loader, on two processes and without TensorFlow: test_multihost.py.)"""
 
 import io
-import json
 import os
-import re
 import shutil
-import signal
 import sys
 import types
 
@@ -16,55 +14,23 @@ from PIL import Image
 import pytest
 
 from bn_inception import augment
-from bn_inception import checkpoints
 from bn_inception import data_spec
 from bn_inception import errors
-from bn_inception import evaluate
 from bn_inception import grain_pipeline
 from bn_inception import imagenet_archives
 from bn_inception import input_pipeline
-from bn_inception import predictions
-from configs import default
-from conftest import SEVERAL_PROCESSES_ENV
-from conftest import xla_flags
-from imagenet_fixture import label_index
+from imagenet_fixture import grain_config
+from imagenet_fixture import grain_imagenet  # noqa: F401  (a pytest fixture)
 from imagenet_fixture import tiny_imagenet  # noqa: F401  (a pytest fixture)
-from imagenet_fixture import write_archives
-from test_multihost import Processes
-from test_multihost import logged_steps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(root, **overrides):
-  config = default.get_config().dataset
-  config.update({'data_dir': os.fspath(root / 'data'), 'manual_dir': os.fspath(root / 'manual'),
-                 'image_size': 32, 'loader': 'grain', **overrides})
-  return config
-
-
-@pytest.fixture(scope='module')
-def grain_imagenet(tmp_path_factory):
-  """The fixture's archives prepared as array_record by TFDS's builder, in several files."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('grain_imagenet')
-  manifest = write_archives(root / 'manual')
-  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data'),
-               file_format='array_record').download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
-                                                   num_shards=3))
-  return types.SimpleNamespace(config=_config(root), manifest=manifest, root=root,
-                               label_index=label_index())
-
-
-def test_first_run_prepares_array_record(grain_imagenet, tmp_path):
+def test_first_run_prepares_array_record(grain_imagenet, tmp_path):  # noqa: F811
   os.symlink(grain_imagenet.root / 'manual', tmp_path / 'manual')
-  config = _config(tmp_path)
+  config = grain_config(tmp_path)
   assert input_pipeline.get_info(config) == (1000, 30, 12)  # prepares (TensorFlow, once)
   assert list((tmp_path / 'data').glob('imagenet2012/*/imagenet2012-train.array_record-*'))
   config.manual_dir = None
   assert input_pipeline.get_info(config) == (1000, 30, 12)  # only reads
-  missing = _config(tmp_path / 'elsewhere', manual_dir=None)
+  missing = grain_config(tmp_path / 'elsewhere', manual_dir=None)
   with pytest.raises(errors.NotFoundError, match='manual_dir is not set'):
     input_pipeline.get_info(missing)
 
@@ -75,91 +41,7 @@ def _train(config, steps, batch=5, **kwargs):
   return [next(batches) for _ in range(steps)]
 
 
-def test_two_processes_train_evaluate_and_resume_bitwise_after_sigterm_without_tensorflow(
-    grain_imagenet, tmp_path):
-  """The entry points on two processes (the launcher, one device each) in which importing
-  TensorFlow fails and leaves a trace (an attempt caught by the code would not show otherwise):
-  training, evaluation, and SIGTERM (a pre-emption), which stops both processes at one step whose
-  checkpoint equals the uninterrupted run's bit for bit."""
-  blocker = tmp_path / 'no_tensorflow'
-  blocker.mkdir()
-  attempts = tmp_path / 'tensorflow_imports'
-  (blocker / 'tensorflow.py').write_text(
-      'import traceback\n'
-      f'with open({os.fspath(attempts)!r}, "a") as f:\n'
-      '  traceback.print_stack(file=f)\n'
-      'raise ImportError("TensorFlow is not installed")\n')
-  env = dict(os.environ, XLA_FLAGS=xla_flags(devices=1),  # and conftest.py's settings
-             PYTHONPATH=os.pathsep.join([os.fspath(blocker), REPO]), PYTHONUNBUFFERED='1',
-             **SEVERAL_PROCESSES_ENV)
-
-  def launch(module, *args, sigterm_when=None):
-    """The launcher's output; SIGTERM to it (passed on to both) once sigterm_when(output)."""
-    launched = Processes([[sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--',
-                           sys.executable, '-m', module, *args]], env)
-    try:
-      if sigterm_when:
-        launched.wait_for(lambda: sigterm_when(launched.output(0)), 400, 'the moment to stop')
-        launched.procs[0].send_signal(signal.SIGTERM)
-      assert launched.wait(400) == [0], launched.output(0)[-6000:]
-    finally:
-      launched.kill()
-    assert not attempts.exists(), attempts.read_text()
-    return launched.output(0)
-
-  def train(workdir, *overrides, **kwargs):
-    return launch('bn_inception.main', '--config=configs/bn_x30.py', f'--workdir={workdir}',
-                  f'--config.dataset.data_dir={grain_imagenet.config.data_dir}',
-                  '--config.dataset.loader=grain', '--config.dataset.image_size=32',
-                  '--config.model.width=0.125', '--config.batch_size=8',
-                  '--config.model.bn_group_size=4', '--config.num_train_steps=3',
-                  '--config.eval_every_steps=3', '--config.log_every_steps=1',
-                  '--config.checkpoint_every_steps=1', *overrides, **kwargs)
-
-  # Three steps of the network at its smallest, colour-distorted in the step, checkpoints at each,
-  # and an evaluation that sees each of the 12 images once.
-  straight = tmp_path / 'straight'
-  out = train(straight)
-  assert out.count('Process 1 of 2') == 1, out
-  metrics = [json.loads(line) for line in (straight / 'metrics.jsonl').read_text().splitlines()]
-  assert [m['eval_examples'] for m in metrics if 'eval_examples' in m] == [12], metrics
-
-  # evaluate's command: the predictions file, written by process 0 alone (6 of the 12 images a
-  # process, in padded batches), holds every image once with its label and the probabilities of a
-  # one-process evaluation.
-  output = tmp_path / 'val.npz'
-  out = launch('bn_inception.evaluate', f'--workdir={straight}', f'--output={output}')
-  assert re.search(r'\[0\] step 3 \(paper step \d+\), crops=center, .* 12 examples', out), out
-  assert f'[0] Wrote {output}' in out and '[1] step' not in out and '[1] Wrote' not in out, out
-  p = predictions.load(str(output)).sorted_by_id()
-  validation = grain_imagenet.manifest['validation']
-  assert p.ids.tolist() == sorted(validation)
-  assert p.labels.tolist() == [grain_imagenet.label_index[validation[i]] for i in p.ids]
-  one = evaluate.evaluate_checkpoint(checkpoints.read_config(str(straight)), str(straight),
-                                     batch_size=8).sorted_by_id()
-  np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
-
-  # The run at step 1, resumed for longer: SIGTERM during compilation stops both processes at the
-  # same step with one checkpoint, exit status 0. Each process's loader started at the step's
-  # position: that checkpoint is the uninterrupted run's.
-  resumed = tmp_path / 'resumed'
-  shutil.copytree(straight / 'checkpoints' / '1', resumed / 'checkpoints' / '1')
-  shutil.copy(straight / 'config.json', resumed / 'config.json')
-  out = train(resumed, '--config.num_train_steps=100', '--config.eval_every_steps=100',
-              sigterm_when=lambda out: out.count('Compiling the training step') == 2)
-  saved = re.findall(r'\[(\d)\] .*Pre-empted: checkpoint saved at step (\d+)', out)
-  assert sorted(i for i, _ in saved) == ['0', '1'] and saved[0][1] == saved[1][1], out
-  step = int(saved[0][1])
-  assert 1 < step <= 3, out  # the uninterrupted run holds steps 1 ... 3
-  assert out.count('Resumed from the checkpoint at step 1') == 2, out
-  assert logged_steps(out) == sorted(2 * list(range(2, step + 1))), out
-  assert sorted(checkpoints.manager(str(resumed), read_only=True).all_steps()) == [1, step]
-  np.testing.assert_equal(*(checkpoints.restore_latest(
-      checkpoints.manager(os.fspath(run), read_only=True), step=step,
-      only=('params', 'batch_stats', 'opt_state'))[1] for run in (straight, resumed)))
-
-
-def test_evaluation_sees_every_image_once(grain_imagenet):
+def test_evaluation_sees_every_image_once(grain_imagenet):  # noqa: F811
   config = grain_imagenet.config
   expected = sorted(grain_imagenet.manifest['validation'])
   for process_count, local_batch_size in ((1, 8), (2, 8), (3, 8)):
@@ -177,7 +59,7 @@ def test_evaluation_sees_every_image_once(grain_imagenet):
     assert sorted(ids) == expected
 
 
-def test_shuffling_modes(grain_imagenet):
+def test_shuffling_modes(grain_imagenet):  # noqa: F811
   files = grain_pipeline._Split(grain_imagenet.config, 'train', 'train').files
   assert len(files) == 3
   light = grain_pipeline.epoch_order(files, data_spec.SHUFFLE['light'], 3, 0, 0)
@@ -198,7 +80,7 @@ def test_shuffling_modes(grain_imagenet):
 
 
 @pytest.mark.parametrize('shuffle', ['light', 'thorough'])
-def test_resume_is_exact(grain_imagenet, shuffle):
+def test_resume_is_exact(grain_imagenet, shuffle):  # noqa: F811
   config = grain_imagenet.config.copy_and_resolve_references()
   config.shuffle = shuffle
   run = _train(config, 9)  # 1.5 epochs of 30 images
@@ -351,7 +233,7 @@ def test_a_tfrecord_copy_converted_by_tfds_is_read(tiny_imagenet, tmp_path,  # n
   convert_format_utils.convert_dataset(out_dir=None, out_file_format='array_record',
                                        dataset_version_dir=[converted], num_workers=1)
   assert list(converted.glob('imagenet2012-train.array_record-*'))
-  config = _config(tmp_path, manual_dir=None)
+  config = grain_config(tmp_path, manual_dir=None)
   assert input_pipeline.get_info(config) == (1000, 30, 12)
   ids = [i for b in input_pipeline.eval_batches(config, local_batch_size=8, crops='center',
                                                 process_index=0, process_count=1)
@@ -362,7 +244,7 @@ def test_a_tfrecord_copy_converted_by_tfds_is_read(tiny_imagenet, tmp_path,  # n
   assert sorted(labels) == sorted(tiny_imagenet.label_index[synset] for synset in synsets)
 
 
-def test_undecodable_image_is_named(grain_imagenet, monkeypatch):
+def test_undecodable_image_is_named(grain_imagenet, monkeypatch):  # noqa: F811
   split = grain_pipeline._Split(grain_imagenet.config, 'validation', 'validation')
   example = dict(split.read(3))
   example['image'] = b'\xff\xd8 not a JPEG'

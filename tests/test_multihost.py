@@ -1,48 +1,49 @@
-"""Several processes for real, on 127.0.0.1: two processes train as one run, a lost one stops the
-other within the heartbeat timeout, the launcher ends the others when one fails; on one process,
-Ctrl-C and SIGTERM save and the run resumes where Ctrl-C said. (On two processes, evaluation, every
-example once, and SIGTERM, which stops both at one step from which the run resumes bitwise, are
-tested on the Grain loader's launches in test_grain_pipeline.py.)
+"""Several processes for real, on 127.0.0.1, with the entry points as users start them.
+
+One run of two processes (the launcher, two devices each) on the tiny ImageNet archives'
+array_record copy, through the Grain loader, in processes where importing TensorFlow fails: they
+train as one run; when one is lost the other stops within the heartbeat timeout; evaluation on two processes sees
+every image once; SIGTERM stops both at one step, from which the run resumes bit for bit; on one
+process the run resumes from its newest complete checkpoint, and Ctrl-C and SIGTERM save and resume
+where they said. And the launcher ends the others when one process fails.
 
 The suite's most expensive tests: every launch starts processes that each compile (JAX reads the
 persistent compilation cache on every process, but on CPUs only process 0 finds its programs
-there). They run a tiny BN-x30 on digits with the tests' compilation cache, and share launches:
-one run serves the one-run checks and the lost-process checks. Every wait has a timeout, every
-process started is killed at the end, and a failing check shows the processes' output.
+there). So one two-process run serves every check it can, and the network is at its smallest.
+Every wait has a timeout, every process started is killed at the end, and a failing check shows
+the processes' output.
 """
 
-import logging
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from bn_inception import checkpoints
-from bn_inception import launch
-from bn_inception import train
+from bn_inception import evaluate
+from bn_inception import predictions
 from conftest import SEVERAL_PROCESSES_ENV
 from conftest import kill_tree
 from conftest import xla_flags
-from test_train import tiny_config, tiny_flags
+from imagenet_fixture import grain_imagenet  # noqa: F401  (a pytest fixture)
+from test_train import tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEARTBEAT_TIMEOUT = 10  # --heartbeat_timeout for the killed-process test (default 100 s)
+HEARTBEAT_TIMEOUT = 10  # --heartbeat_timeout for the lost-process test (default 100 s)
 SLACK = 30  # seconds a loaded 2-core machine may add to it
 
-# BN-x30 at the digits scale, shrunk as tests/test_train.py shrinks it; never evaluated, every step
-# logged, checkpoints kept.
+# BN-x30 at the digits scale, shrunk as tests/test_train.py shrinks it, for test_multihost_agree.py.
 OVERRIDES = {'model.width': 0.125, 'batch_size': 16, 'model.bn_group_size': 2,
              'dataset.image_size': 32, 'log_every_steps': 1, 'eval_every_steps': 100000,
              'num_train_steps': 100000, 'keep_checkpoints': 100}
-
-
-def digits_config(**overrides):
-  return tiny_config(OVERRIDES, **overrides)
 
 
 def train_command(workdir, **overrides):
@@ -112,61 +113,194 @@ def logged_steps(output: str) -> list[int]:
   return [int(s) for s in re.findall(r'train.py:\d+\] step (\d+) \(paper step', output)]
 
 
+# ------------------------------------------------------------------------------------------------
+# The two-process run on the Grain loader, without TensorFlow.
+# ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
-def killed_run(start, tmp_path_factory):
-  """Two processes started by hand (no launcher) train with a checkpoint every step; once step 3
-  is saved, process 1 stops dead (SIGSTOP: its connections stay open, as when a host loses power,
-  so only the heartbeat can tell) and is then killed (SIGKILL). Returns (workdir, processes,
-  seconds process 0 outlived process 1).
+def no_tensorflow(tmp_path_factory):
+  """A PYTHONPATH entry whose tensorflow module fails to import and leaves a trace in its
+  `attempts` file (an attempt caught by the code would not show otherwise)."""
+  blocker = tmp_path_factory.mktemp('no_tensorflow')
+  (blocker / 'tensorflow.py').write_text(
+      'import traceback\n'
+      f'with open({os.fspath(blocker / "attempts")!r}, "a") as f:\n'
+      '  traceback.print_stack(file=f)\n'
+      'raise ImportError("TensorFlow is not installed")\n')
+  return blocker
+
+
+def grain_environment(no_tensorflow, devices_per_process, processes):
+  return dict(environment(devices_per_process, processes),
+              PYTHONPATH=os.pathsep.join([os.fspath(no_tensorflow), REPO]))
+
+
+def assert_tensorflow_never_imported(no_tensorflow):
+  attempts = no_tensorflow / 'attempts'
+  assert not attempts.exists(), attempts.read_text()
+
+
+def grain_command(data, workdir, *overrides):
+  """BN-x30 at its smallest on the archives through the Grain loader: every step logged and
+  checkpointed (all kept), an evaluation every 3 steps."""
+  return [sys.executable, '-m', 'bn_inception.main', '--config=configs/bn_x30.py',
+          f'--workdir={workdir}', f'--config.dataset.data_dir={data.config.data_dir}',
+          '--config.dataset.loader=grain', '--config.dataset.image_size=32',
+          '--config.model.width=0.125', '--config.batch_size=8', '--config.model.bn_group_size=2',
+          '--config.num_train_steps=100000', '--config.eval_every_steps=3',
+          '--config.log_every_steps=1', '--config.checkpoint_every_steps=1',
+          '--config.keep_checkpoints=100', *overrides]
+
+
+def on_two_processes(command):
+  return [sys.executable, '-m', 'bn_inception.launch', '--num_processes=2', '--', *command]
+
+
+@pytest.fixture(scope='module')
+def run(start, grain_imagenet, no_tensorflow, tmp_path_factory):  # noqa: F811
+  """The two-process run, launched: once checkpoint 3 is saved, process 1 stops dead (SIGSTOP: its
+  connections stay open, as when a host loses power, so only the heartbeat can tell). Returns
+  (workdir, the launcher's output, its exit status, seconds it outlived process 1).
 
   A process killed on the same machine closes its connections, and the other then fails at once
   in a collective with it (on CPUs gloo aborts): the heartbeat bound is the one to test."""
-  workdir = tmp_path_factory.mktemp('killed') / 'run'
-  address = f'127.0.0.1:{launch.free_port()}'
-  processes = start([
-      train_command(workdir, checkpoint_every_steps=1) + [
-          f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}',
-          f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}'] for i in range(2)], environment())
-  processes.wait_for(lambda: (workdir / 'checkpoints' / '3').is_dir(), 600, 'checkpoint 3')
-  os.killpg(processes.procs[1].pid, signal.SIGSTOP)
+  workdir = tmp_path_factory.mktemp('two_processes') / 'run'
+  launched = start([on_two_processes(grain_command(
+      grain_imagenet, workdir, f'--heartbeat_timeout={HEARTBEAT_TIMEOUT}'))],
+                   grain_environment(no_tensorflow, 2, 2))
+  launched.wait_for(lambda: (workdir / 'checkpoints' / '3').is_dir(), 600, 'checkpoint 3')
+  process_1 = re.search(r'\[launch\] process 1 of 2: pid (\d+)', launched.output()).group(1)
+  os.killpg(int(process_1), signal.SIGSTOP)
   stopped = time.time()
-  processes.wait(HEARTBEAT_TIMEOUT + SLACK, processes.procs[:1])
-  seconds = time.time() - stopped
-  os.killpg(processes.procs[1].pid, signal.SIGKILL)
-  return workdir, processes, seconds
+  status, = launched.wait(HEARTBEAT_TIMEOUT + SLACK)
+  return workdir, launched.output(0), status, time.time() - stopped
 
 
-def test_two_processes_train_as_one_run(killed_run):
-  """Each process says which it is and sees 8 devices; they log the same steps with the same
-  losses (one global batch); metrics are written once (by process 0); checkpoints hold the steps."""
-  workdir, processes, _ = killed_run
+def test_two_processes_train_as_one_run_without_tensorflow(run, no_tensorflow):
+  """Each process says which it is and sees 4 devices; they log the same steps with the same
+  losses (one global batch); process 0 writes each step's metrics once, and the evaluation at step
+  3 sees each of the 12 validation images once; the checkpoints hold the steps."""
+  workdir, out, _, _ = run
+  assert_tensorflow_never_imported(no_tensorflow)
   for i in range(2):
-    out = processes.output(i)
-    assert f'Process {i} of 2: 4 local devices, 8 in all (cpu)' in out, out
-    assert 'on 8 device(s), 2 host(s)' in out, out
-  losses = [re.findall(r'\] step (\d+) \(paper step \d+\): loss (\S+),', processes.output(i))
+    assert f'[{i}] ' in out and f'Process {i} of 2: 2 local devices, 4 in all (cpu)' in out, out
+  assert out.count('on 4 device(s), 2 host(s)') == 2, out
+  losses = [re.findall(rf'\[{i}\] .*\] step (\d+) \(paper step \d+\): loss (\S+),', out)
             for i in range(2)]
-  assert losses[1] == losses[0][:len(losses[1])] and len(losses[1]) >= 3, processes.output()
-  metrics = [line for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  steps = [int(re.search(r'"step": (\d+)', line).group(1)) for line in metrics]
+  common = min(map(len, losses))
+  assert common >= 3 and losses[0][:common] == losses[1][:common], out
+  metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  steps = [m['step'] for m in metrics if 'loss' in m]
   assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3  # each step once
+  assert [(m['step'], m['eval_examples']) for m in metrics if 'eval_examples' in m][0] == (3, 12)
   assert {1, 2, 3} <= set(checkpoints.manager(str(workdir), read_only=True).all_steps())
 
 
-def test_a_lost_process_stops_the_other_within_the_heartbeat_timeout(killed_run, caplog):
+def test_a_lost_process_stops_the_other_within_the_heartbeat_timeout(run):
   """Process 1 lost: process 0 exits non-zero within --heartbeat_timeout (and a margin for a
-  loaded machine), JAX's coordination service naming task 1. The newest complete checkpoint
-  resumes, here on one process of 8 devices (digits batches do not depend on the process count)."""
-  workdir, processes, seconds = killed_run
-  assert processes.procs[0].returncode != 0, processes.output(0)
-  assert seconds < HEARTBEAT_TIMEOUT + SLACK
-  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*1\b',
-                   processes.output(0)), processes.output(0)
-  newest = checkpoints.manager(str(workdir), read_only=True).latest_step()
-  caplog.set_level(logging.INFO, logger='absl')  # parsed flags set absl's own level
-  state = train.train_and_evaluate(digits_config(num_train_steps=newest + 1), str(workdir))
-  assert int(state.step) == newest + 1
-  assert f'Resumed from the checkpoint at step {newest}' in caplog.text
+  loaded machine), JAX's coordination service naming task 1, and the launcher ends process 1."""
+  _, out, status, seconds = run
+  assert status != 0 and seconds < HEARTBEAT_TIMEOUT + SLACK, out
+  assert re.search(r'Task 1 heartbeat timeout|stopped sending heartbeats\):\s*(\[0\] )?1\b', out), out
+  assert re.search(r'\[launch\] process 0 (exited with status|was killed by) .*: ending the others',
+                   out), out
+
+
+def test_evaluation_on_two_processes_sees_every_image_once(
+    run, grain_imagenet, no_tensorflow, start, tmp_path):  # noqa: F811
+  """evaluate's command: the predictions file, written by process 0 alone (6 of the 12 images a
+  process, in padded batches), holds every image once with its label and the probabilities of a
+  one-process evaluation."""
+  workdir = run[0]
+  output = tmp_path / 'val.npz'
+  launched = start([on_two_processes([sys.executable, '-m', 'bn_inception.evaluate',
+                                      f'--workdir={workdir}', '--checkpoint=3',
+                                      f'--output={output}'])],
+                   grain_environment(no_tensorflow, 2, 2))
+  assert launched.wait(400) == [0], launched.output()
+  out = launched.output(0)
+  assert_tensorflow_never_imported(no_tensorflow)
+  assert re.search(r'\[0\] step 3 \(paper step \d+\), crops=center, .* 12 examples', out), out
+  assert f'[0] Wrote {output}' in out and '[1] step' not in out and '[1] Wrote' not in out, out
+  p = predictions.load(str(output)).sorted_by_id()
+  validation = grain_imagenet.manifest['validation']
+  assert p.ids.tolist() == sorted(validation)
+  assert p.labels.tolist() == [grain_imagenet.label_index[validation[i]] for i in p.ids]
+  one = evaluate.evaluate_checkpoint(checkpoints.read_config(str(workdir)), str(workdir), step=3,
+                                     batch_size=8).sorted_by_id()
+  np.testing.assert_allclose(p.probs, one.probs, atol=1e-6)
+
+
+def test_sigterm_stops_both_processes_at_one_step_and_the_run_resumes_bitwise(
+    run, grain_imagenet, no_tensorflow, start, tmp_path):  # noqa: F811
+  """The run at step 1, resumed by the same command: SIGTERM during compilation stops both
+  processes at the same step with one checkpoint, exit status 0. Each process's loader started at
+  the step's position: that checkpoint is the run's own at that step, bit for bit."""
+  workdir = run[0]
+  resumed = tmp_path / 'resumed'
+  shutil.copytree(workdir / 'checkpoints' / '1', resumed / 'checkpoints' / '1')
+  shutil.copy(workdir / 'config.json', resumed / 'config.json')
+  launched = start([on_two_processes(grain_command(grain_imagenet, resumed))],
+                   grain_environment(no_tensorflow, 2, 2))
+  launched.wait_for(lambda: launched.output().count('Compiling the training step') == 2, 400,
+                    'both processes compiling')
+  launched.procs[0].send_signal(signal.SIGTERM)  # the launcher passes it on to both
+  assert launched.wait(400) == [0], launched.output()
+  out = launched.output(0)
+  assert_tensorflow_never_imported(no_tensorflow)
+  saved = re.findall(r'\[(\d)\] .*Pre-empted: checkpoint saved at step (\d+)', out)
+  assert sorted(i for i, _ in saved) == ['0', '1'] and saved[0][1] == saved[1][1], out
+  step = int(saved[0][1])
+  assert 1 < step <= 3, out  # the run holds steps 1 ... 3
+  assert out.count('Resumed from the checkpoint at step 1') == 2, out
+  assert logged_steps(out) == sorted(2 * list(range(2, step + 1))), out
+  assert sorted(checkpoints.manager(str(resumed), read_only=True).all_steps()) == [1, step]
+  np.testing.assert_equal(*(checkpoints.restore_latest(
+      checkpoints.manager(os.fspath(w), read_only=True), step=step,
+      only=('params', 'batch_stats', 'opt_state'))[1] for w in (workdir, resumed)))
+
+
+def test_one_process_resumes_the_run_and_ctrl_c_and_sigterm_save_and_resume_where_said(
+    run, grain_imagenet, no_tensorflow, start, tmp_path):  # noqa: F811
+  """The run's workdir, resumed on one process of 4 devices (its own signal handlers) from its
+  newest complete checkpoint, checkpoints now only when stopped. Ctrl-C (SIGINT): a checkpoint at
+  the interrupted step, exit status 130 and, last, one line naming the checkpoint the run will
+  resume from; no traceback. The same command resumes from that step; SIGTERM then saves the step
+  it is at and exits 0."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(run[0], workdir)
+  before = sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
+  newest = before[-1]
+  command = grain_command(grain_imagenet, workdir, '--config.checkpoint_every_steps=100000')
+  env = grain_environment(no_tensorflow, 4, 1)
+
+  interrupted = start([command], env)
+  interrupted.wait_for(lambda: newest + 2 in logged_steps(interrupted.output()), 300,
+                       f'step {newest + 2}')
+  interrupted.procs[0].send_signal(signal.SIGINT)
+  assert interrupted.wait(120) == [130], interrupted.output()
+  out = interrupted.output()
+  assert f'Resumed from the checkpoint at step {newest}' in out, out
+  steps = sorted(checkpoints.manager(str(workdir), read_only=True).all_steps())
+  assert steps == before + [steps[-1]] and steps[-1] >= newest + 2, out
+  assert out.strip().splitlines()[-1] == (
+      f'Interrupted: rerun the same command to resume from step {steps[-1]} (the checkpoint in '
+      f'{workdir}/checkpoints).'), out
+  assert 'Traceback' not in out, out
+
+  resumed = start([command], env)
+  resumed.wait_for(lambda: steps[-1] + 2 in logged_steps(resumed.output()), 300,
+                   f'step {steps[-1] + 2}')
+  resumed.procs[0].send_signal(signal.SIGTERM)
+  assert resumed.wait(120) == [0], resumed.output()
+  out = resumed.output()
+  assert f'Resumed from the checkpoint at step {steps[-1]}' in out, out
+  assert logged_steps(out)[0] == steps[-1] + 1, out
+  saved = re.findall(r'Pre-empted: checkpoint saved at step (\d+)', out)
+  assert len(saved) == 1 and int(saved[0]) >= steps[-1] + 2, out
+  assert sorted(checkpoints.manager(str(workdir), read_only=True).all_steps()) == [
+      *steps, int(saved[0])]
+  assert 'Traceback' not in out, out
+  assert_tensorflow_never_imported(no_tensorflow)
 
 
 def test_launcher_ends_the_others_when_one_process_fails(start):
@@ -182,36 +316,3 @@ def test_launcher_ends_the_others_when_one_process_fails(start):
                    r"'--num_processes=2', '--process_id=1'\]", out), out
   assert '[launch] process 1 exited with status 3: ending the others' in out, out
   assert 'statuses: 137, 3' in out, out  # process 0 killed (128 + SIGKILL)
-
-
-def test_one_process_ctrl_c_and_sigterm_save_and_resume_where_said(start, tmp_path):
-  """One process (its own signal handlers; several processes stop through JAX's pre-emption
-  notifier, tested in test_grain_pipeline.py). Ctrl-C (SIGINT): a checkpoint at the interrupted step, exit status 130
-  and, last, one line naming the checkpoint the run will resume from; no traceback. The same
-  command resumes from that step; SIGTERM then saves the step it is at and exits 0."""
-  workdir = tmp_path / 'run'
-  interrupted = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
-  interrupted.wait_for(lambda: 2 in logged_steps(interrupted.output()), 300, 'step 2')
-  interrupted.procs[0].send_signal(signal.SIGINT)
-  assert interrupted.wait(120) == [130], interrupted.output()
-  out = interrupted.output()
-  steps = checkpoints.manager(str(workdir), read_only=True).all_steps()
-  assert len(steps) == 1 and steps[0] >= 2, out
-  assert out.strip().splitlines()[-1] == (
-      f'Interrupted: rerun the same command to resume from step {steps[0]} (the checkpoint in '
-      f'{workdir}/checkpoints).'), out
-  assert 'Traceback' not in out, out
-
-  resumed = start([train_command(workdir)], environment(devices_per_process=8, processes=1))
-  resumed.wait_for(lambda: steps[0] + 2 in logged_steps(resumed.output()), 300,
-                   f'step {steps[0] + 2}')
-  resumed.procs[0].send_signal(signal.SIGTERM)
-  assert resumed.wait(120) == [0], resumed.output()
-  out = resumed.output()
-  assert f'Resumed from the checkpoint at step {steps[0]}' in out, out
-  assert logged_steps(out)[0] == steps[0] + 1, out
-  saved = re.findall(r'Pre-empted: checkpoint saved at step (\d+)', out)
-  assert len(saved) == 1 and int(saved[0]) >= steps[0] + 2, out
-  assert sorted(checkpoints.manager(str(workdir), read_only=True).all_steps()) == [
-      steps[0], int(saved[0])]
-  assert 'Traceback' not in out, out

@@ -1,5 +1,5 @@
 """The training loop: learning on digits, exact resume, divergence, devices, optimiser (signals and
-pre-emption: test_multihost.py; on two processes, test_grain_pipeline.py).
+pre-emption: test_multihost.py).
 
 Most tests share one kind of run (`ema_config`: dropout, an EMA, a learning-rate decay every 2.5
 steps), so that they share one compiled training step (the persistent compilation cache of
