@@ -95,6 +95,7 @@ def test_feed_step_trains_from_prepared_photographs(tmp_path):
 
 
 def test_feed_step_without_photographs_is_skipped_with_what_to_do(tmp_path):
+  optional_deps.load(convert.load_port_module)  # the driver's, as in smoke()
   step = [s for s in gpu_check.plan(smoke=True, photos=str(tmp_path / 'none'))
           if s.name == 'feed_grain_b256']
   out = str(tmp_path / 'out')
