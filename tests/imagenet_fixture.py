@@ -108,47 +108,44 @@ def label_index() -> dict[str, int]:
   return {synset: i for i, synset in enumerate(imagenet_archives.tfds_labels('labels.txt'))}
 
 
-@pytest.fixture(scope='session')
-def tiny_imagenet(tmp_path_factory):
-  """The archives, prepared once per session by TFDS's imagenet2012 builder into several shards.
-
-  Returns a namespace: `config` (a config.dataset for them at 32 x 32), `manifest` (write_archives'),
-  `label_index` (synset -> TFDS class index).
-  """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('imagenet')
-  manifest = write_archives(root / 'manual')
-  # Several shards, so that interleaving files and per-host file ranges are exercised.
-  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data')).download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
-                                                   num_shards=3))
-  config = default.get_config().dataset
-  config.data_dir = os.fspath(root / 'data')
-  config.manual_dir = os.fspath(root / 'manual')
-  config.image_size = 32
-  return types.SimpleNamespace(config=config, manifest=manifest, label_index=label_index())
-
-
-def grain_config(root, **overrides):
-  """A config.dataset for the Grain loader on root/data (prepared from root/manual) at 32 x 32."""
+def dataset_config(root, **overrides):
+  """A config.dataset for the archives in root/manual, prepared into root/data, at 32 x 32."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config().dataset
   config.update({'data_dir': os.fspath(root / 'data'), 'manual_dir': os.fspath(root / 'manual'),
-                 'image_size': 32, 'loader': 'grain', **overrides})
+                 'image_size': 32, **overrides})
   return config
+
+
+def grain_config(root, **overrides):
+  return dataset_config(root, loader='grain', **overrides)
+
+
+def _prepared(tmp_path_factory, name, **builder_kwargs):
+  """The archives, prepared by TFDS's imagenet2012 builder into several shards (so that
+  interleaving files and per-host file ranges are exercised): a namespace of `root`, `manifest`
+  (write_archives'), `label_index` (synset -> TFDS class index)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp(name)
+  manifest = write_archives(root / 'manual')
+  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data'),
+               **builder_kwargs).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
+                                                   num_shards=3))
+  return types.SimpleNamespace(root=root, manifest=manifest, label_index=label_index())
+
+
+@pytest.fixture(scope='session')
+def tiny_imagenet(tmp_path_factory):
+  """_prepared's namespace for the default (tfrecord) files, with their `config` (dataset_config)."""
+  prepared = _prepared(tmp_path_factory, 'imagenet')
+  prepared.config = dataset_config(prepared.root)
+  return prepared
 
 
 @pytest.fixture(scope='session')
 def grain_imagenet(tmp_path_factory):
-  """The archives prepared as array_record by TFDS's builder, in several files, for the Grain
-  loader: a namespace of `config` (grain_config), `manifest`, `root`, `label_index`."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.mktemp('grain_imagenet')
-  manifest = write_archives(root / 'manual')
-  tfds.builder('imagenet2012', data_dir=os.fspath(root / 'data'),
-               file_format='array_record').download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root / 'manual'),
-                                                   num_shards=3))
-  return types.SimpleNamespace(config=grain_config(root), manifest=manifest, root=root,
-                               label_index=label_index())
+  """_prepared's namespace for array_record files, with their `config` (grain_config)."""
+  prepared = _prepared(tmp_path_factory, 'grain_imagenet', file_format='array_record')
+  prepared.config = grain_config(prepared.root)
+  return prepared

@@ -197,9 +197,7 @@ def test_a_damaged_checkpoint_is_one_warning(workdir, caplog, monkeypatch):
 def test_undecodable_images_are_named_at_preparation_and_when_read(tmp_path):
   damaged = ('n01440764_3.JPEG', 'ILSVRC2012_val_00000009.JPEG')
   imagenet_fixture.write_archives(tmp_path / 'manual', damaged=damaged)
-  config = default.get_config().dataset
-  config.update(data_dir=str(tmp_path / 'data'), manual_dir=str(tmp_path / 'manual'),
-                image_size=32)
+  config = imagenet_fixture.dataset_config(tmp_path)
   prepared = os.path.join(tmp_path, 'data', 'imagenet2012')
   with pytest.raises(errors.InputFileError) as refused:
     input_pipeline.get_info(config)
