@@ -191,7 +191,8 @@ def test_two_processes_train_as_one_run_without_tensorflow(run, no_tensorflow):
   metrics = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   steps = [m['step'] for m in metrics if 'loss' in m]
   assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3  # each step once
-  assert [(m['step'], m['eval_examples']) for m in metrics if 'eval_examples' in m][0] == (3, 12)
+  evaluations = [(m['step'], m['eval_examples']) for m in metrics if 'eval_examples' in m]
+  assert evaluations[:1] == [(3, 12)], evaluations
   assert {1, 2, 3} <= set(checkpoints.manager(str(workdir), read_only=True).all_steps())
 
 
