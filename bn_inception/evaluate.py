@@ -283,6 +283,7 @@ def main(argv):
   eval_sets = FLAGS.eval_sets or [config.dataset.name]
   for name in eval_sets:
     eval_set_config(config, name)  # an unknown name, before anything else
+  config_checks.check(config, training=False)  # before its fields are derived to be compared
   cli.check_processes_agree(config=config.to_dict(), workdir=os.path.abspath(workdir),
                             step=step, eval_sets=eval_sets, crops=FLAGS.crops,
                             weights=FLAGS.weights, batch_size=FLAGS.batch_size)

@@ -14,6 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from bn_inception import cli
+from bn_inception import config_checks
 from bn_inception import run_dir
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file, e.g. '
@@ -31,7 +32,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  run_dir.check_writable(_WORKDIR.value)  # at once, not after JAX's and the data's setup
+  # At once, not after JAX's and the data's setup; the config before it is compared between processes
+  # (a batch_size of 0 would fail to derive num_train_steps there).
+  config_checks.check(_CONFIG.value)
+  run_dir.check_writable(_WORKDIR.value)
   cli.start()
   cli.check_processes_agree(config=_CONFIG.value.to_dict(),
                             workdir=os.path.abspath(_WORKDIR.value))

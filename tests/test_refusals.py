@@ -65,6 +65,20 @@ def test_every_batch_size_message_names_batch_size():
   assert 'lower batch_size or set num_train_steps' in message
 
 
+@pytest.mark.parametrize('command', ['bn_inception.main', 'bn_inception.evaluate'])
+def test_a_batch_size_of_0_on_the_command_line_is_the_checks_message(command, tmp_path):
+  """The commands check the config before they compare it between processes, which derives its
+  fields (there a batch_size of 0 used to end in a ZeroDivisionError traceback)."""
+  workdir = tmp_path / 'run'
+  if command == 'bn_inception.evaluate':
+    workdir.mkdir()  # evaluate resolves its workdir first
+  result = cli(command, '--config=configs/bn_x5.py:digits', '--config.batch_size=0',
+               f'--workdir={workdir}')
+  assert_one_line_error(result, 'Invalid config')
+  assert '  batch_size = 0: must be an integer >= 1' in result.stderr.splitlines()
+  assert sorted(os.listdir(tmp_path)) == (['run'] if command == 'bn_inception.evaluate' else [])
+
+
 def test_images_smaller_than_the_network_downsamples_are_refused():
   assert 'dataset.image_size = 31: must be an integer >= 32' in problems(dataset__image_size=31)
   config = bn_x5.get_config('digits')
