@@ -84,11 +84,13 @@ def kill_tree(pid: int) -> None:
       pass
 
 
-# The files that take longest, first, each to its own test process (make test passes
-# --no-loadscope-reorder, so that pytest-xdist keeps this order rather than putting the files with
-# the most tests first): the long ones no longer start last and finish alone, and test_train
-# compiles the tiny networks most other files reuse from the compilation cache before they ask.
-LONGEST_FIRST = ('test_demo.py', 'test_train.py', 'test_multihost.py')
+# The files that take longest, longest first (their durations on 2 cores, 2026-12-07: 270, 200, 175,
+# 90, 75, 70, 70, 50 s; the others take 30 s or less), each to the next free test process (make test
+# passes --no-loadscope-reorder, so that pytest-xdist keeps this order rather than putting the files
+# with the most tests first): the long ones do not start last and finish alone. test_faults trains
+# TINY's programs before test_evaluate, which then reads them from the compilation cache.
+LONGEST_FIRST = ('test_train.py', 'test_multihost.py', 'test_demo.py', 'test_faults.py',
+                 'test_evaluate.py', 'test_benchmark.py', 'test_gpu_check.py', 'test_models.py')
 
 
 def pytest_collection_modifyitems(items):
