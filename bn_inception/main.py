@@ -32,8 +32,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # At once, not after JAX's and the data's setup; the config before it is compared between processes
-  # (a batch_size of 0 would fail to derive num_train_steps there).
+  # Bad input is refused at once, not after JAX's and the data's setup; the config before the
+  # processes compare it, which derives its fields (num_train_steps from batch_size).
   config_checks.check(_CONFIG.value)
   run_dir.check_writable(_WORKDIR.value)
   cli.start()

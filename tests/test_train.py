@@ -367,12 +367,12 @@ def test_optimizer_by_hand_momentum_and_l2_on_kernels_only():
   lr = 0.5
   # Jitted: op by op, the updates of ~200 arrays of distinct shapes would compile ~200 programs.
   tx = train.optimizer(config, lambda step: lr)
-  updates1, opt_state = jax.jit(tx.update)(grads1, tx.init(params), params)
-  params2 = optax.apply_updates(params, updates1)
+  updates1, opt_state = jax.jit(tx.update)(grads1, jax.jit(tx.init)(params), params)
+  params2 = jax.jit(optax.apply_updates)(params, updates1)
   updates2, _ = jax.jit(tx.update)(grads2, opt_state, params2)
   config.nesterov = True
   tx = train.optimizer(config, lambda step: lr)
-  nesterov1, _ = jax.jit(tx.update)(grads1, tx.init(params), params)
+  nesterov1, _ = jax.jit(tx.update)(grads1, jax.jit(tx.init)(params), params)
 
   flat = lambda tree: {jax.tree_util.keystr(path): np.asarray(x)
                        for path, x in jax.tree_util.tree_leaves_with_path(tree)}
