@@ -144,11 +144,14 @@ def check(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
 
 def _derived_from_batch(config: ml_collections.ConfigDict, field: str) -> str:
   """Why a num_train_steps the user did not set is wrong: it follows from paper_steps and
-  batch_size."""
+  batch_size, one of which the user set."""
   if field != 'num_train_steps' or not _is_int(config.get('paper_steps')):
     return ''
   if config.num_train_steps != config.paper_steps * 32 // max(1, config.batch_size):
     return ''
+  if config.paper_steps < 1:
+    return (f' (it follows paper_steps = {config.paper_steps:,}, the length in 32-image steps: set '
+            'paper_steps >= 1 or num_train_steps)')
   return (f' (paper_steps {config.paper_steps:,} of 32 images at batch_size '
           f'{config.batch_size:,}: a batch_size above {config.paper_steps * 32:,} images is longer '
           'than the whole run; lower batch_size or set num_train_steps)')

@@ -65,6 +65,12 @@ def test_every_batch_size_message_names_batch_size():
   assert 'lower batch_size or set num_train_steps' in message
 
 
+def test_a_length_of_0_paper_steps_is_named_not_the_batch():
+  assert problems(paper_steps=0).splitlines()[1:] == [
+      '  num_train_steps = 0: must be an integer >= 1 (it follows paper_steps = 0, the length in '
+      '32-image steps: set paper_steps >= 1 or num_train_steps)']
+
+
 @pytest.mark.parametrize('command', ['bn_inception.main', 'bn_inception.evaluate'])
 def test_a_batch_size_of_0_on_the_command_line_is_the_checks_message(command, tmp_path):
   """The commands check the config before they compare it between processes, which derives its
