@@ -65,7 +65,7 @@ def test_every_batch_size_message_names_batch_size():
   assert 'lower batch_size or set num_train_steps' in message
 
 
-def test_a_length_of_0_paper_steps_is_named_not_the_batch():
+def test_a_paper_steps_of_0_is_named_rather_than_the_batch_size():
   assert problems(paper_steps=0).splitlines()[1:] == [
       '  num_train_steps = 0: must be an integer >= 1 (it follows paper_steps = 0, the length in '
       '32-image steps: set paper_steps >= 1 or num_train_steps)']
