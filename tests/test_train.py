@@ -278,6 +278,19 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   assert_trees_equal(arrays(jax.device_get(state)), arrays(s0))
 
 
+def test_the_finiteness_check_sees_every_array():
+  """train.all_finite (the step's guard) is False for one NaN or inf in any array of a tree, the
+  last included; finite values near float32's limit pass."""
+  tree = {'params': [np.ones((2, 3), np.float32), np.zeros((), np.float32)],
+          'batch_stats': {'mean': np.full(4, 3e38, np.float32)}}
+  assert train.all_finite(tree)
+  for i in range(3):
+    for bad in (np.nan, np.inf, -np.inf):
+      arrays = [x.copy() for x in jax.tree.leaves(tree)]
+      arrays[i].flat[-1] = bad
+      assert not train.all_finite(jax.tree.unflatten(jax.tree.structure(tree), arrays)), (i, bad)
+
+
 @pytest.mark.usefixtures('inf_learning_rate_from_step_3')
 def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(tmp_path):
   """The loop stops at its next check after a non-finite step, naming that step and the last good
