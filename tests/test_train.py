@@ -3,7 +3,9 @@ pre-emption: test_multihost.py).
 
 Most tests share one kind of run (`ema_config`: dropout, an EMA, a learning-rate decay every 2.5
 steps), so that they share one compiled training step (the persistent compilation cache of
-conftest.py) and every part of the state moves.
+conftest.py) and every part of the state moves. Those runs are sharded over two of the eight
+devices (EMA_DEVICES), where a step takes a third of the time it takes over all eight; that the
+device count does not change a step is test_one_and_eight_devices_take_the_same_steps's check.
 """
 
 import importlib.util
@@ -71,6 +73,7 @@ def ema_config(**overrides):
 
 
 LEARN_STEPS, RESUME_STEP = 80, 76  # ema_run: long enough to learn; checkpoints at 76 and 80
+EMA_DEVICES = jax.devices()[:2]  # ema_config's runs (the module docstring)
 
 
 def leaves(tree):
@@ -101,7 +104,7 @@ def ema_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('ema_run')
   config = ema_config(num_train_steps=LEARN_STEPS, log_every_steps=20, eval_every_steps=40,
                       checkpoint_every_steps=RESUME_STEP)
-  return config, workdir, train.train_and_evaluate(config, str(workdir))
+  return config, workdir, train.train_and_evaluate(config, str(workdir), EMA_DEVICES)
 
 
 @pytest.fixture
@@ -144,7 +147,7 @@ def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path, initialisations)
   config_json = (workdir / 'config.json').read_text()
   changed = config.copy_and_resolve_references()
   changed.weight_decay = 0.5
-  again = train.train_and_evaluate(changed, str(workdir))
+  again = train.train_and_evaluate(changed, str(workdir), EMA_DEVICES)
   assert 'differs from the saved one in: weight_decay: 8' in caplog.text
   assert 'nothing to train' in caplog.text
   assert_trees_equal(state, again)
@@ -153,17 +156,17 @@ def test_end_to_end_on_digits_learns(ema_run, caplog, tmp_path, initialisations)
   caplog.clear()
   shorter = config.copy_and_resolve_references()
   shorter.num_train_steps = LEARN_STEPS - 1
-  train.train_and_evaluate(shorter, str(workdir))  # nothing to train: at step 80
+  train.train_and_evaluate(shorter, str(workdir), EMA_DEVICES)  # nothing to train: at step 80
   assert 'nothing to train' in caplog.text and 'differs from the saved one' not in caplog.text
   assert (workdir / 'config.json').read_text() == config_json
   assert run_dir.read_config_history(str(workdir)) == [(0, json.loads(config_json))]
   # Another model in the same workdir is refused, naming the mismatch.
   with pytest.raises(ValueError, match='does not fit this model.*another run'):
-    train.train_and_evaluate(ema_config(**{'model.width': 0.25}), str(workdir))
+    train.train_and_evaluate(ema_config(**{'model.width': 0.25}), str(workdir), EMA_DEVICES)
   # A state of another shape (no EMA asked for, one saved) is refused too, never mistaken for an
   # unreadable checkpoint and set aside.
   with pytest.raises(ValueError, match='does not fit this model'):
-    train.train_and_evaluate(ema_config(ema_decay=None), str(workdir))
+    train.train_and_evaluate(ema_config(ema_decay=None), str(workdir), EMA_DEVICES)
   assert sorted(os.listdir(workdir / 'checkpoints')) == [str(RESUME_STEP), str(LEARN_STEPS)]
   assert not initialisations
 
@@ -188,12 +191,13 @@ def test_resume_across_decays_with_dropout_and_ema_is_bitwise_equal_to_one_run(
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  resumed = train.train_and_evaluate(config, str(crashed))
+  resumed = train.train_and_evaluate(config, str(crashed), EMA_DEVICES)
   assert f'Checkpoint {LEARN_STEPS}' in caplog.text
   assert f'using step {RESUME_STEP} instead' in caplog.text
   assert_trees_equal(straight, resumed)
   assert not initialisations
-  train.train_and_evaluate(ema_config(num_train_steps=1), str(tmp_path / 'new'))  # it counts
+  train.train_and_evaluate(ema_config(num_train_steps=1), str(tmp_path / 'new'),
+                           EMA_DEVICES)  # it counts
   assert len(initialisations) == 1
 
 
@@ -243,7 +247,7 @@ def test_train_step_updates_the_ema_by_hand_and_freezes_from_a_nonfinite_step():
   names step 3. A batch that overflows the BN variances (finite loss and gradients, an infinite
   running variance) is caught the same way, and a finite step after it changes nothing either."""
   config = ema_config()
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(EMA_DEVICES)
   program = train.setup(config, DIGITS_TRAIN, mesh)
   batches = [batch for batch, _ in itertools.islice(global_train_batches(config, mesh), 5)]
   state = program.init()
@@ -299,7 +303,7 @@ def test_divergence_stops_the_run_naming_the_step_and_keeps_checkpoints_finite(t
                             eval_every_steps=100)
   with pytest.raises(errors.TrainingDivergedError, match=r'not finite at step 3 \(paper step 1\)\. The '
                      r'last good checkpoint is step 3 in'):
-    train.train_and_evaluate(config, str(tmp_path))
+    train.train_and_evaluate(config, str(tmp_path), EMA_DEVICES)
   mngr = checkpoints.manager(str(tmp_path), read_only=True)
   assert mngr.latest_step() == 3
   for step in mngr.all_steps():
@@ -495,7 +499,7 @@ def test_optimiser_values_are_arguments_of_one_compiled_step():
   values still take effect (the inf rate of the divergence tests above). Within a process they
   share the jitted programs themselves (with a length or intervals of their own too), traced once;
   another seed, width or evaluation gets its own."""
-  mesh = train.make_mesh()
+  mesh = train.make_mesh(EMA_DEVICES)
   configs = (ema_config(), ema_config(learning_rate=0.3, lr_decay_factor=0.5, weight_decay=0.1,
                                       momentum=0.5, num_train_steps=7, log_every_steps=3))
   programs = []
