@@ -124,9 +124,10 @@ def ema_decay_at(ema_decay: float, step: jax.Array) -> jax.Array:
 
 
 def all_finite(tree) -> jax.Array:
-  """Whether every value in `tree` is finite, as one reduction over all its arrays concatenated: a
-  reduction per array (jnp.isfinite(x).all(), or optax.tree.norm's squares) makes the training
-  step's program a third slower to compile, for every array of this network."""
+  """Whether every value in `tree` is finite, from one reduction over all its arrays concatenated. A
+  reduction per array compiles much slower with the tests' XLA settings: the training step took
+  14.8 s to compile with optax.tree.norm, over 200 s with a sum of per-array sums and 9.6 s with
+  this (CPU, 2026-12-07)."""
   return jnp.isfinite(jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])).all()
 
 
